@@ -1,0 +1,109 @@
+//! Shared fixtures for NovaCron's end-to-end tests: a test-guest VM in this process, and
+//! polling helpers that fail loudly with what they were waiting for.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use novacron_testguest::abi::GuestStatus;
+use novacron_vmm::config::{EntryProtocol, VmConfig};
+use novacron_vmm::vm::Vm;
+
+/// Fails the test at once, with the reason, if this host cannot run KVM guests.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("these tests need read-write /dev/kvm (run as root on a KVM host): {e}");
+    }
+}
+
+/// A VM spec for the test guest with `memory_mib` of RAM and the given guest command line.
+pub fn test_guest_config(dir: &Path, name: &str, memory_mib: u64, cmdline: &str) -> VmConfig {
+    VmConfig {
+        id: format!("test-{name}"),
+        name: name.into(),
+        vcpus: 1,
+        memory_mib,
+        hugepages: false,
+        kernel: novacron_testguest::guest_elf_path().to_path_buf(),
+        initramfs: None,
+        cmdline: cmdline.into(),
+        entry: EntryProtocol::Long64,
+        console_log: dir.join(format!("{name}.console.log")),
+        debugcon_log: dir.join(format!("{name}.debugcon.log")),
+        console_log_max_bytes: 0,
+    }
+}
+
+/// A VM running in this process with its vCPU threads.
+pub struct RunningVm {
+    /// The VM.
+    pub vm: Arc<Vm>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RunningVm {
+    /// Builds the VM and starts its vCPUs (running unless `incoming`).
+    pub fn start(config: VmConfig, incoming: bool) -> RunningVm {
+        let (vm, vcpus) = Vm::create(config, incoming).expect("VM is created");
+        let threads = vm.spawn_vcpus(vcpus).expect("vCPU threads start");
+        if !incoming {
+            vm.resume().expect("VM starts");
+        }
+        RunningVm { vm, threads }
+    }
+
+    /// Polls the guest's status page until `pred` holds; panics with `what` and the last
+    /// status after `timeout`.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&GuestStatus) -> bool,
+    ) -> GuestStatus {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.vm.guest_status() {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!(
+            "timed out after {timeout:?} waiting for {what}; last status {last:?}; VM state {:?}",
+            self.vm.state()
+        );
+    }
+
+    /// Stops the VM and joins its vCPU threads.
+    pub fn shutdown(self) {
+        self.vm.stop(true, Duration::ZERO);
+        for t in self.threads {
+            t.join().expect("vCPU thread exits cleanly");
+        }
+    }
+}
+
+/// Polls `path` until it contains `needle`; panics with the file's text after `timeout`.
+pub fn wait_file_contains(path: &Path, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{needle:?} did not appear in {} within {timeout:?}; it holds:\n{text}",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

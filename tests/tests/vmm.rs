@@ -1,0 +1,283 @@
+//! The VMM against the real /dev/kvm, in this process: the test guest boots, writes, verifies;
+//! pause stops it; state saved from one VM restores into another with memory intact; dirty
+//! logging sees the guest's writes and the VMM's own.
+
+use std::time::Duration;
+
+use novacron_testguest::abi;
+use novacron_tests::{require_kvm, test_guest_config, wait_file_contains, RunningVm};
+use novacron_vmm::control::ExitReason;
+use vm_memory_check::host_checksum;
+
+mod vm_memory_check {
+    use novacron_testguest::abi::{self, GuestStatus};
+    use novacron_vmm::vm::Vm;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Recomputes the working set's checksum from guest memory on the host side, checking
+    /// every page's content but the one in flight; returns (checksum, bad pages).
+    pub fn host_checksum(vm: &Vm, status: &GuestStatus) -> (u64, u64) {
+        let mut page = vec![0u8; abi::PAGE_SIZE];
+        let mut sum = 0u64;
+        let mut bad = 0u64;
+        for i in 0..status.ws_pages {
+            if status.writing == i + 1 {
+                // Paused mid-page: its old generation's term is still in the checksum.
+                sum = sum.wrapping_add(abi::checksum_term_seeded(
+                    status.seed,
+                    i,
+                    status.writing_old_gen,
+                ));
+                continue;
+            }
+            let gpa = status.ws_start + i * abi::PAGE_SIZE as u64;
+            vm.memory()
+                .read_slice(&mut page, GuestAddress(gpa))
+                .expect("working set is guest RAM");
+            match abi::check_page(status.seed, i, &page) {
+                Some(generation) => {
+                    sum = sum.wrapping_add(abi::checksum_term_seeded(status.seed, i, generation))
+                }
+                None => bad += 1,
+            }
+        }
+        (sum, bad)
+    }
+}
+
+const BOOT: Duration = Duration::from_secs(60);
+
+#[test]
+fn test_guest_boots_writes_and_verifies_its_memory() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = RunningVm::start(
+        test_guest_config(dir.path(), "boot", 64, "nc.mem=16 nc.log_ms=100"),
+        false,
+    );
+    let s = vm.wait_status("the guest to write 20000 pages", BOOT, |s| {
+        s.pages_written >= 20_000
+    });
+    assert_eq!(s.ws_pages, 16 * 256, "nc.mem=16 gives a 16 MiB working set");
+
+    vm.vm.post_guest_command(abi::CMD_VERIFY, 0).unwrap();
+    let after = vm.wait_status("a verification", BOOT, |v| v.verify_count >= 1);
+    assert_eq!(
+        after.verify_bad_pages, 0,
+        "guest found corrupted pages: {after:?}"
+    );
+
+    // Independently of the guest: pause it and check every page and the checksum from the host.
+    vm.vm.pause().unwrap();
+    let paused = vm.vm.guest_status().unwrap().unwrap();
+    let (sum, bad) = host_checksum(&vm.vm, &paused);
+    assert_eq!(
+        bad, 0,
+        "host found pages whose content does not match their generation"
+    );
+    assert_eq!(
+        sum, paused.checksum,
+        "host checksum differs from the guest's running checksum"
+    );
+    vm.vm.resume().unwrap();
+
+    let debugcon = wait_file_contains(
+        &dir.path().join("boot.debugcon.log"),
+        "novacron-guest: verify ok",
+        BOOT,
+    );
+    assert!(
+        debugcon.contains("novacron-guest: ready"),
+        "debug console: {debugcon}"
+    );
+    assert!(!debugcon.contains("FAIL"), "debug console: {debugcon}");
+    wait_file_contains(
+        &dir.path().join("boot.console.log"),
+        "novacron-guest: verify ok",
+        BOOT,
+    );
+    vm.shutdown();
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = RunningVm::start(
+        test_guest_config(dir.path(), "pause", 64, "nc.mem=8"),
+        false,
+    );
+    vm.wait_status("progress", BOOT, |s| s.pages_written > 1000);
+    vm.vm.pause().unwrap();
+    assert_eq!(vm.vm.state(), novacron_vmm::control::RunState::Paused);
+    let a = vm.vm.guest_status().unwrap().unwrap().pages_written;
+    std::thread::sleep(Duration::from_millis(300));
+    let b = vm.vm.guest_status().unwrap().unwrap().pages_written;
+    assert_eq!(a, b, "a paused guest must not write");
+    vm.vm.resume().unwrap();
+    vm.wait_status("progress after resume", BOOT, |s| {
+        s.pages_written > b + 1000
+    });
+    vm.shutdown();
+}
+
+#[test]
+fn guest_rate_and_poweroff_commands_take_effect() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = RunningVm::start(
+        test_guest_config(dir.path(), "cmd", 64, "nc.mem=8 nc.rate=1000"),
+        false,
+    );
+    let s = vm.wait_status("ready", BOOT, |s| s.seq > 0);
+    assert_eq!(s.rate, 1000);
+    let seq = vm.vm.post_guest_command(abi::CMD_SET_RATE, 5000).unwrap();
+    let s = vm.wait_status("the rate command's ack", BOOT, |s| s.cmd_ack >= seq);
+    assert_eq!(s.rate, 5000);
+    for (cmd, arg) in [
+        (abi::CMD_SET_PATTERN, u64::from(abi::PATTERN_HOT)),
+        (abi::CMD_SET_HOT_PAGES, 32),
+        (abi::CMD_SET_EXIT_HEAVY, 3),
+    ] {
+        let seq = vm.vm.post_guest_command(cmd, arg).unwrap();
+        vm.wait_status("a command's ack", BOOT, |s| s.cmd_ack >= seq);
+    }
+    let s = vm.wait_status("exit-heavy NOP writes", BOOT, |s| s.nop_outs >= 300);
+    assert_eq!(
+        (s.pattern, s.hot_pages, s.exit_heavy),
+        (abi::PATTERN_HOT, 32, 3)
+    );
+    vm.vm.stop(false, Duration::from_secs(10));
+    let end = vm.vm.wait_end();
+    assert_eq!(
+        end.reason,
+        ExitReason::GuestPoweroff,
+        "graceful stop is a guest power-off: {end:?}"
+    );
+    vm.shutdown();
+}
+
+#[test]
+fn saved_state_restores_into_a_new_vm_with_memory_intact() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_guest_config(dir.path(), "src", 64, "nc.mem=16 nc.pattern=random");
+    let src = RunningVm::start(config.clone(), false);
+    src.wait_status("progress", BOOT, |s| s.pages_written > 50_000);
+    src.vm.pause().unwrap();
+    let before = src.vm.guest_status().unwrap().unwrap();
+    let snap = dir.path().join("snap");
+    novacron_vmm::state::save(&src.vm, &snap).unwrap();
+    src.shutdown();
+
+    let dst = RunningVm::start(config, true);
+    assert_eq!(dst.vm.state(), novacron_vmm::control::RunState::Incoming);
+    novacron_vmm::state::restore(&dst.vm, &snap).unwrap();
+    let restored = dst
+        .vm
+        .guest_status()
+        .unwrap()
+        .expect("status page address restored");
+    assert_eq!(restored, before, "restored status page differs");
+    let (sum, bad) = host_checksum(&dst.vm, &restored);
+    assert_eq!(
+        (sum, bad),
+        (before.checksum, 0),
+        "restored memory does not match the checksum"
+    );
+    dst.vm.resume().unwrap();
+    dst.wait_status("progress after restore", BOOT, |s| {
+        s.pages_written > before.pages_written + 10_000
+    });
+    let seq = dst.vm.post_guest_command(abi::CMD_VERIFY, 0).unwrap();
+    let v = dst.wait_status("verify after restore", BOOT, |s| s.cmd_ack >= seq);
+    assert_eq!(v.verify_bad_pages, 0);
+    dst.shutdown();
+}
+
+#[test]
+fn corrupted_state_is_refused_and_changes_nothing() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_guest_config(dir.path(), "c", 32, "nc.mem=4");
+    let src = RunningVm::start(config.clone(), false);
+    src.wait_status("progress", BOOT, |s| s.pages_written > 100);
+    src.vm.pause().unwrap();
+    let snap = dir.path().join("snap");
+    novacron_vmm::state::save(&src.vm, &snap).unwrap();
+    src.shutdown();
+    let state = snap.join("state.bin");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&state, bytes).unwrap();
+    let dst = RunningVm::start(config, true);
+    let err = novacron_vmm::state::restore(&dst.vm, &snap)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("checksum"), "{err}");
+    assert_eq!(
+        dst.vm.state(),
+        novacron_vmm::control::RunState::Incoming,
+        "a refused restore leaves the VM waiting"
+    );
+    dst.shutdown();
+}
+
+#[test]
+fn dirty_log_counts_guest_and_vmm_writes() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = RunningVm::start(
+        test_guest_config(
+            dir.path(),
+            "dirty",
+            64,
+            "nc.mem=16 nc.rate=0 nc.pattern=hot nc.hot=64",
+        ),
+        false,
+    );
+    vm.wait_status("progress", BOOT, |s| s.pages_written > 1000);
+    assert!(
+        vm.vm.fetch_dirty().is_err(),
+        "fetching before enabling is refused"
+    );
+    vm.vm.set_dirty_log(true).unwrap();
+    vm.vm.fetch_dirty().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    vm.vm.pause().unwrap();
+    let dirty = vm.vm.fetch_dirty().unwrap();
+    // The hot set (64 pages) plus the status page and stack at least; far from all of RAM.
+    assert!(dirty >= 64, "dirty pages {dirty}");
+    assert!(
+        dirty < 64 * 256 / 4,
+        "dirty pages {dirty} for a 64-page hot set"
+    );
+    // Paused: nothing dirties memory but the VMM itself, whose writes are counted too.
+    assert_eq!(vm.vm.fetch_dirty().unwrap(), 0);
+    vm.vm.post_guest_command(abi::CMD_SET_RATE, 10).unwrap();
+    assert_eq!(
+        vm.vm.fetch_dirty().unwrap(),
+        1,
+        "the VMM's write into the status page is tracked"
+    );
+    vm.shutdown();
+}
+
+#[test]
+fn a_bad_kernel_is_refused_with_a_clear_error() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, vec![0x42u8; 8192]).unwrap();
+    let mut config = test_guest_config(dir.path(), "bad", 32, "");
+    config.kernel = junk;
+    let err = match novacron_vmm::vm::Vm::create(config, false) {
+        Ok(_) => panic!("a junk kernel was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("junk") && err.contains("neither an ELF"),
+        "{err}"
+    );
+}
