@@ -281,3 +281,45 @@ fn a_bad_kernel_is_refused_with_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_triple_fault_is_reported_with_registers() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = RunningVm::start(
+        test_guest_config(dir.path(), "tf", 32, "nc.mem=4 nc.fault_after_pages=100"),
+        false,
+    );
+    assert!(
+        vm.vm.wait_end_timeout(BOOT),
+        "the faulting guest did not end"
+    );
+    let end = vm.vm.wait_end();
+    assert_eq!(end.reason, ExitReason::TripleFault, "{end:?}");
+    assert!(
+        end.detail.contains("rip=0x") && end.detail.contains("cr3="),
+        "no registers: {end:?}"
+    );
+    vm.shutdown();
+}
+
+#[test]
+fn a_guest_panic_is_reported_with_its_message() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = RunningVm::start(
+        test_guest_config(dir.path(), "panic", 32, "nc.mem=4 nc.panic_after_pages=100"),
+        false,
+    );
+    assert!(
+        vm.vm.wait_end_timeout(BOOT),
+        "the panicking guest did not end"
+    );
+    let end = vm.vm.wait_end();
+    assert_eq!(end.reason, ExitReason::GuestPanic, "{end:?}");
+    assert!(
+        end.detail.contains("requested by nc.panic_after_pages"),
+        "{end:?}"
+    );
+    vm.shutdown();
+}

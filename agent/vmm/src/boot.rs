@@ -111,6 +111,7 @@ pub fn load(
     initramfs: Option<&Path>,
     cmdline: &str,
     entry: EntryProtocol,
+    rsdp: Option<u64>,
 ) -> Result<Loaded, BootError> {
     if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
         return Err(BootError::CmdlineTooLong(cmdline.len()));
@@ -166,14 +167,14 @@ pub fn load(
                             .into(),
                 });
             };
-            write_pvh_start_info(mem, cmdline, initrd)?;
+            write_pvh_start_info(mem, cmdline, initrd, rsdp)?;
             BootCpuState::Protected32 {
                 rip: entry_addr.0,
                 rbx: layout::PVH_INFO_START,
             }
         }
         EntryProtocol::Long64 => {
-            write_pvh_start_info(mem, cmdline, initrd)?;
+            write_pvh_start_info(mem, cmdline, initrd, rsdp)?;
             BootCpuState::Long {
                 rip: result.kernel_load.0,
                 rbx: layout::PVH_INFO_START,
@@ -181,7 +182,7 @@ pub fn load(
             }
         }
         EntryProtocol::Linux | EntryProtocol::Auto => {
-            write_zero_page(mem, cmdline, initrd, result.setup_header)?;
+            write_zero_page(mem, cmdline, initrd, result.setup_header, rsdp)?;
             let rip = match format {
                 // The 64-bit entry of a bzImage is 0x200 past where its protected-mode code loads.
                 ImageFormat::BzImage => result.kernel_load.0 + 0x200,
@@ -259,6 +260,7 @@ fn write_pvh_start_info(
     mem: &GuestMem,
     cmdline: &str,
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
     const E820_RAM: u32 = 1;
@@ -306,7 +308,7 @@ fn write_pvh_start_info(
         layout::CMDLINE_START
     };
     info.extend_from_slice(&cmdline_addr.to_le_bytes());
-    info.extend_from_slice(&0u64.to_le_bytes()); // rsdp_paddr: no ACPI
+    info.extend_from_slice(&rsdp.unwrap_or(0).to_le_bytes());
     info.extend_from_slice(&layout::PVH_MEMMAP_START.to_le_bytes());
     info.extend_from_slice(&(map.len() as u32).to_le_bytes());
     info.extend_from_slice(&0u32.to_le_bytes());
@@ -332,6 +334,7 @@ fn write_zero_page(
     cmdline: &str,
     initrd: Option<(u64, u64)>,
     setup_header: Option<linux_loader::loader::bootparam::setup_header>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
     const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
@@ -347,6 +350,7 @@ fn write_zero_page(
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.acpi_rsdp_addr = rsdp.unwrap_or(0);
     params.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline.len() as u32 + 1;
     if let Some((addr, size)) = initrd {

@@ -90,8 +90,9 @@ pub struct VmmInfo {
     pub memory_bytes: u64,
     /// Exits handled in user space, total.
     pub exits: u64,
-    /// Nanoseconds since the VMM process started when the guest first reported progress.
-    pub first_progress_ns: Option<u64>,
+    /// When the guest first reported progress through its agent device (CLOCK_MONOTONIC, ns).
+    #[serde(default)]
+    pub first_progress_monotonic_ns: Option<u64>,
 }
 
 /// The answer to one request.

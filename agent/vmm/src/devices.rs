@@ -7,7 +7,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -109,10 +108,11 @@ pub enum IoOutcome {
 pub struct GuestAgent {
     /// Guest-physical address of the guest's status page, once registered.
     pub status_gpa: Option<u64>,
-    /// When the guest first reported progress.
-    pub first_progress: Option<Instant>,
-    /// When the guest said it was ready.
-    pub ready: Option<Instant>,
+    /// When the guest first reported progress (CLOCK_MONOTONIC, ns: comparable across
+    /// processes, so a benchmark can time from its `spawn` to here).
+    pub first_progress_ns: Option<u64>,
+    /// When the guest said it was ready (CLOCK_MONOTONIC, ns).
+    pub ready_ns: Option<u64>,
     /// Doorbells received.
     pub doorbells: u64,
     /// Exit-heavy NOP writes received.
@@ -238,13 +238,14 @@ impl Devices {
     fn doorbell(&mut self, event: u32) -> IoOutcome {
         use agent_ports::*;
         self.agent.doorbells += 1;
-        let now = Instant::now();
         match event {
             EV_READY => {
-                self.agent.ready.get_or_insert(now);
+                self.agent.ready_ns.get_or_insert_with(monotonic_ns);
             }
             EV_PROGRESS => {
-                self.agent.first_progress.get_or_insert(now);
+                self.agent
+                    .first_progress_ns
+                    .get_or_insert_with(monotonic_ns);
             }
             EV_POWEROFF => {
                 return IoOutcome::End(ExitReason::GuestPoweroff, "guest agent power-off".into())
@@ -265,6 +266,17 @@ impl Devices {
             _ => 0,
         }
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, owned `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn put(data: &mut [u8], v: u32) {

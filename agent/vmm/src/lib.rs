@@ -4,11 +4,13 @@
 //! KVM VM, its guest memory, vCPU threads and devices, and serves a [`control`] socket.
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod arch;
 pub mod boot;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod mptable;
 pub mod process;
 pub mod state;
 pub mod vm;

@@ -138,7 +138,7 @@ fn handle(vm: &Vm, req: Request) -> Response {
             state: vm.state(),
             memory_bytes: vm.config.memory_mib << 20,
             exits: vm.exits(),
-            first_progress_ns: vm.first_progress().map(|d| d.as_nanos() as u64),
+            first_progress_monotonic_ns: vm.first_progress_ns(),
         }),
         Request::Pause => done(vm.pause()),
         Request::Resume => done(vm.resume()),

@@ -199,9 +199,14 @@ fn irqchip(vm: &Vm, chip_id: u32) -> Result<kvm_irqchip, StateError> {
     Ok(chip)
 }
 
+/// Reads the state of every vCPU of a paused VM.
+pub fn save_vcpus(vm: &Vm) -> Result<Vec<VcpuState>, VmError> {
+    vm.on_vcpus(|_, tx| VcpuRequest::Save(tx))
+}
+
 /// Saves a paused VM into `dir`.
 pub fn save(vm: &Vm, dir: &Path) -> Result<(), VmError> {
-    let vcpus = vm.on_vcpus(|_, tx| VcpuRequest::Save(tx))?;
+    let vcpus = save_vcpus(vm)?;
     let serial = vm.devices.lock().unwrap().serial.state();
     let state = VmState {
         vcpus,

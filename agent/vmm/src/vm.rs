@@ -19,11 +19,13 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi;
 use crate::arch::{self, GuestMem};
 use crate::boot;
 use crate::config::VmConfig;
 use crate::control::{ExitReason, ExitRecord, RunState};
 use crate::devices::{agent_ports, Devices, IoOutcome, RotatingLog, SERIAL_IRQ};
+use crate::mptable;
 use crate::state::{self, VcpuState};
 
 /// Failure to build or operate a VM.
@@ -49,6 +51,12 @@ pub enum VmError {
     /// Platform setup failed.
     #[error(transparent)]
     Arch(#[from] arch::ArchError),
+    /// Writing the ACPI tables failed.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
     /// Loading the kernel failed.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
@@ -122,8 +130,6 @@ pub struct Vm {
     gate_cv: Condvar,
     end: Mutex<Option<ExitRecord>>,
     end_cv: Condvar,
-    /// When the VMM process started (for first-progress timing).
-    pub started: Instant,
     exits: AtomicU64,
     vcpu_threads: Mutex<Vec<(i32, libc::pthread_t)>>,
 }
@@ -139,10 +145,13 @@ impl Vm {
     /// Creates the VM: memory, irqchip, PIT, devices and vCPUs, with the kernel loaded unless
     /// `incoming` (then memory stays empty for a restore). vCPUs start paused.
     pub fn create(config: VmConfig, incoming: bool) -> Result<(Arc<Vm>, Vec<VcpuFd>), VmError> {
+        let t0 = Instant::now();
+        let step = |what: &str| tracing::debug!(us = t0.elapsed().as_micros() as u64, "{what}");
         vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
             .map_err(|e| VmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        step("VM created");
         vm_fd
             .set_tss_address(0xfffb_d000)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -158,10 +167,13 @@ impl Vm {
                 ..Default::default()
             })
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        step("irqchip and PIT created");
 
         let size = config.memory_mib << 20;
         let mem = map_memory(size, config.hugepages)?;
+        step("memory mapped");
         let slots = register_slots(&vm_fd, &mem, false)?;
+        step("memory mapped and registered");
 
         let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Thread)?;
         vm_fd
@@ -185,17 +197,22 @@ impl Vm {
             arch::configure_vcpu(&vcpu, &cpuid)?;
             vcpus.push(vcpu);
         }
+        step("vCPUs created");
         let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
         if !incoming {
+            let rsdp = acpi::write(&mem, config.vcpus)?;
             let loaded = boot::load(
                 &mem,
                 &config.kernel,
                 config.initramfs.as_deref(),
                 &config.cmdline,
                 config.entry,
+                Some(rsdp),
             )?;
             tracing::info!(protocol = ?loaded.protocol, cpu = ?loaded.cpu, "kernel loaded");
             arch::setup_boot_regs(&vcpus[0], &mem, loaded.cpu)?;
+            mptable::write(&mem, config.vcpus)?;
+            step("kernel loaded");
         }
         let devices = Devices::new(serial_evt, console, debugcon, tsc_khz);
         let n = vcpus.len();
@@ -220,7 +237,6 @@ impl Vm {
             gate_cv: Condvar::new(),
             end: Mutex::new(None),
             end_cv: Condvar::new(),
-            started: Instant::now(),
             exits: AtomicU64::new(0),
             vcpu_threads: Mutex::new(Vec::new()),
         });
@@ -623,14 +639,9 @@ impl Vm {
         Ok(seq + 1)
     }
 
-    /// When the guest first reported progress, relative to the process start.
-    pub fn first_progress(&self) -> Option<Duration> {
-        self.devices
-            .lock()
-            .unwrap()
-            .agent
-            .first_progress
-            .map(|t| t.duration_since(self.started))
+    /// When the guest first reported progress (CLOCK_MONOTONIC, ns).
+    pub fn first_progress_ns(&self) -> Option<u64> {
+        self.devices.lock().unwrap().agent.first_progress_ns
     }
 
     /// Switches KVM dirty logging on every slot.

@@ -156,6 +156,10 @@ static void apply_setting(struct nc_config *cfg, const char *tok, const char *en
 		cfg->tsc_khz = n;
 	else if (token_eq(tok, eq, "nc.stop_after_pages"))
 		cfg->stop_after_pages = n;
+	else if (token_eq(tok, eq, "nc.fault_after_pages"))
+		cfg->fault_after_pages = n;
+	else if (token_eq(tok, eq, "nc.panic_after_pages"))
+		cfg->panic_after_pages = n;
 	else if (token_eq(tok, eq, "nc.zero") && n <= 1)
 		cfg->zero = (uint32_t)n;
 }
@@ -537,12 +541,13 @@ __attribute__((noreturn)) void nc_run(const struct nc_config *cfg, struct nc_env
 			if (next_report == 0) {
 				/*
 				 * The first report marks "guest is up and writing" for boot timing.
-				 * Console bytes are one exit each (~80 us under PVM), so the ready
-				 * line waits until after this doorbell rather than delay it ~15 ms.
+				 * Console bytes are one exit each (~80 us under PVM), so the lines
+				 * wait until after this doorbell, and the short progress line (what
+				 * a run without the device is timed by) goes before the ready line.
 				 */
 				notify(&s, NCGA_EV_PROGRESS);
-				ready_line(&s);
 				progress_line(&s);
+				ready_line(&s);
 				next_report = now + report_ticks;
 				next_log = now + log_ticks;
 			}
@@ -550,6 +555,11 @@ __attribute__((noreturn)) void nc_run(const struct nc_config *cfg, struct nc_env
 			nc_pause();
 		}
 
+		/* Fault injection, so that tests can see how the VMM reports a dying guest. */
+		if (cfg->fault_after_pages && s.pages_written >= cfg->fault_after_pages)
+			__builtin_trap();
+		if (cfg->panic_after_pages && s.pages_written >= cfg->panic_after_pages)
+			nc_panic(s.st, s.agent, "requested by nc.panic_after_pages");
 		if (cfg->stop_after_pages && s.pages_written >= cfg->stop_after_pages) {
 			progress_line(&s);
 			verify(&s);

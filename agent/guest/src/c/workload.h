@@ -26,6 +26,8 @@ struct nc_config {
 	uint64_t seed;
 	uint64_t tsc_khz; /* 0 = ask the device, else calibrate */
 	uint64_t stop_after_pages;
+	uint64_t fault_after_pages; /* fault injection: ud2 (a triple fault without an IDT) */
+	uint64_t panic_after_pages; /* fault injection: a guest panic through the device */
 	uint32_t zero; /* NC_ZERO_* */
 	char dump_path[256]; /* Linux only: dump the working set after the final verify */
 };
