@@ -1,0 +1,359 @@
+//! `novacronctl`: the command line for a NovaCron node agent.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tonic::transport::Channel;
+
+use novacron_ctl::{connect, vm_details, vm_table, VmJson};
+use novacron_proto::agent::v1 as pb;
+use pb::agent_service_client::AgentServiceClient;
+
+/// Drive a NovaCron node agent over its unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "novacronctl", version, about, long_about = None)]
+struct Cli {
+    /// The agent's API socket.
+    #[arg(
+        long,
+        global = true,
+        env = "NOVACRON_SOCKET",
+        default_value = "/run/novacron/agent.sock",
+        value_name = "PATH"
+    )]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Human-readable aligned columns.
+    Table,
+    /// JSON.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Top {
+    /// Manage VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Entry {
+    /// Pick from the image.
+    Auto,
+    /// Linux/x86 boot protocol.
+    Linux,
+    /// PVH.
+    Pvh,
+    /// NovaCron direct 64-bit entry.
+    Long64,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCmd {
+    /// Create a VM.
+    Create {
+        /// Unique name: 1 to 63 characters of [A-Za-z0-9._-].
+        name: String,
+        /// vCPU count.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 128, value_name = "MiB")]
+        memory: u64,
+        /// Kernel image (bzImage, vmlinux, PVH ELF).
+        #[arg(
+            long,
+            value_name = "PATH",
+            required_unless_present = "test_guest",
+            conflicts_with = "test_guest"
+        )]
+        kernel: Option<PathBuf>,
+        /// Use the built-in NovaCron test guest as the kernel (entry long64).
+        #[arg(long)]
+        test_guest: bool,
+        /// Initramfs image.
+        #[arg(long, value_name = "PATH")]
+        initramfs: Option<PathBuf>,
+        /// Kernel command line.
+        #[arg(long, default_value = "", value_name = "STR")]
+        cmdline: String,
+        /// Entry protocol.
+        #[arg(long, value_enum, default_value_t = Entry::Auto)]
+        entry: Entry,
+        /// Back guest memory with huge pages.
+        #[arg(long)]
+        hugepages: bool,
+        /// Start the VM once created.
+        #[arg(long)]
+        start: bool,
+    },
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Get {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Start a VM.
+    Start {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Stop a VM (asks the guest to power off, forced after the timeout).
+    Stop {
+        /// VM id or name.
+        vm: String,
+        /// End the VM at once.
+        #[arg(long)]
+        force: bool,
+        /// Grace period before forcing (default: the agent's stop_timeout_ms).
+        #[arg(long, value_name = "N")]
+        timeout_ms: Option<u64>,
+    },
+    /// Pause a VM's vCPUs.
+    Pause {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Delete a stopped VM and its files.
+    Delete {
+        /// VM id or name.
+        vm: String,
+        /// Force-stop a running VM first.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write the VM's serial console output to stdout.
+    Console {
+        /// VM id or name.
+        vm: String,
+        /// Keep streaming new output (until interrupted).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Start at the beginning of the log instead of its end.
+        #[arg(long)]
+        from_start: bool,
+    },
+    /// Show the test guest's status page.
+    GuestStatus {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Post a command to the test guest's agent device.
+    GuestCommand {
+        /// VM id or name.
+        vm: String,
+        /// Command code.
+        #[arg(long, value_name = "N")]
+        cmd: u32,
+        /// Argument.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        arg: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("error: {}", status.message()),
+                None => eprintln!("error: {e:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn absolute(p: Option<PathBuf>) -> anyhow::Result<String> {
+    Ok(match p {
+        Some(p) => std::path::absolute(&p)?.display().to_string(),
+        None => String::new(),
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let Top::Vm(cmd) = cli.command;
+    let mut c: AgentServiceClient<Channel> = connect(&cli.socket).await?;
+    let out = cli.output;
+    let r = |s: String| pb::VmRef { id_or_name: s };
+    match cmd {
+        VmCmd::Create {
+            name,
+            vcpus,
+            memory,
+            kernel,
+            test_guest,
+            initramfs,
+            cmdline,
+            entry,
+            hugepages,
+            start,
+        } => {
+            let entry = match entry {
+                Entry::Auto => "auto",
+                Entry::Linux => "linux",
+                Entry::Pvh => "pvh",
+                Entry::Long64 => "long64",
+            };
+            let req = pb::CreateVmRequest {
+                name,
+                vcpus: Some(vcpus),
+                memory_mib: memory,
+                // The agent may run with another working directory.
+                kernel: absolute(kernel)?,
+                initramfs: absolute(initramfs)?,
+                cmdline,
+                entry: entry.into(),
+                test_guest,
+                hugepages,
+                start,
+            };
+            print_vm(out, c.create_vm(req).await?.into_inner())
+        }
+        VmCmd::List => {
+            let vms = c.list_vms(pb::ListVmsRequest {}).await?.into_inner().vms;
+            match out {
+                Output::Table => print!("{}", vm_table(&vms)),
+                Output::Json => {
+                    let vms: Vec<VmJson> = vms.into_iter().map(VmJson::from).collect();
+                    println!("{}", serde_json::to_string_pretty(&vms)?);
+                }
+            }
+            Ok(())
+        }
+        VmCmd::Get { vm } => print_vm(out, c.get_vm(r(vm)).await?.into_inner()),
+        VmCmd::Start { vm } => print_vm(out, c.start_vm(r(vm)).await?.into_inner()),
+        VmCmd::Stop {
+            vm,
+            force,
+            timeout_ms,
+        } => {
+            let req = pb::StopVmRequest {
+                id_or_name: vm,
+                force,
+                timeout_ms: timeout_ms.unwrap_or(0),
+            };
+            print_vm(out, c.stop_vm(req).await?.into_inner())
+        }
+        VmCmd::Pause { vm } => print_vm(out, c.pause_vm(r(vm)).await?.into_inner()),
+        VmCmd::Resume { vm } => print_vm(out, c.resume_vm(r(vm)).await?.into_inner()),
+        VmCmd::Delete { vm, force } => {
+            let req = pb::DeleteVmRequest {
+                id_or_name: vm,
+                force,
+            };
+            let id = c.delete_vm(req).await?.into_inner().id;
+            match out {
+                Output::Table => println!("deleted {id}"),
+                Output::Json => println!("{}", serde_json::json!({ "deleted": id })),
+            }
+            Ok(())
+        }
+        VmCmd::Console {
+            vm,
+            follow,
+            from_start,
+        } => {
+            let req = pb::ConsoleRequest {
+                id_or_name: vm,
+                follow,
+                from_start,
+            };
+            let mut stream = c.stream_console(req).await?.into_inner();
+            let mut stdout = std::io::stdout().lock();
+            while let Some(chunk) = stream.message().await? {
+                stdout.write_all(&chunk.data)?;
+                stdout.flush()?;
+            }
+            Ok(())
+        }
+        VmCmd::GuestStatus { vm } => {
+            let s = c.get_guest_status(r(vm)).await?.into_inner();
+            print_guest_status(out, &s)
+        }
+        VmCmd::GuestCommand { vm, cmd, arg } => {
+            let req = pb::GuestCommandRequest {
+                id_or_name: vm,
+                cmd,
+                arg,
+            };
+            print_vm(out, c.guest_command(req).await?.into_inner())
+        }
+    }
+}
+
+fn print_vm(out: Output, vm: pb::Vm) -> anyhow::Result<()> {
+    match out {
+        Output::Table => print!("{}", vm_details(&vm)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&VmJson::from(vm))?),
+    }
+    Ok(())
+}
+
+fn print_guest_status(out: Output, s: &pb::GuestStatus) -> anyhow::Result<()> {
+    let fields: [(&str, u64); 12] = [
+        ("registered", u64::from(s.registered)),
+        ("seq", s.seq),
+        ("pages_written", s.pages_written),
+        ("checksum", s.checksum),
+        ("ws_pages", s.ws_pages),
+        ("rate", s.rate),
+        ("pattern", u64::from(s.pattern)),
+        ("verify_count", s.verify_count),
+        ("verify_bad_pages", s.verify_bad_pages),
+        ("verify_checksum", s.verify_checksum),
+        ("elapsed_ms", s.elapsed_ms),
+        ("cmd_ack", s.cmd_ack),
+    ];
+    match out {
+        Output::Table => {
+            if !s.registered {
+                println!("the guest has not registered its status page");
+                return Ok(());
+            }
+            for (k, v) in &fields[1..] {
+                if k.contains("checksum") {
+                    println!("{:<17} {v:#018x}", k.to_uppercase());
+                } else {
+                    println!("{:<17} {v}", k.to_uppercase());
+                }
+            }
+        }
+        Output::Json => {
+            let mut m = serde_json::Map::new();
+            m.insert("registered".into(), s.registered.into());
+            for (k, v) in &fields[1..] {
+                m.insert((*k).into(), (*v).into());
+            }
+            println!("{}", serde_json::Value::Object(m));
+        }
+    }
+    Ok(())
+}

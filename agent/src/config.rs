@@ -1,0 +1,297 @@
+//! The agent's configuration file (TOML).
+//!
+//! Every key is optional; [`DEFAULT_CONFIG_TOML`] documents each one with its default (it is
+//! what `novacron-agent print-default-config` prints and what `deploy/agent.toml` holds).
+//! Unknown keys are errors, so a typo cannot silently fall back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The documented default configuration, as TOML.
+pub const DEFAULT_CONFIG_TOML: &str = r#"# NovaCron node agent configuration.
+# Every key is optional; the values below are the defaults.
+# Several agents can run on one host as long as each has its own socket and state_dir.
+
+# Unix socket the gRPC API is served on (mode 0600; a stale file is removed at start).
+socket = "/run/novacron/agent.sock"
+
+# Where VMs live: <state_dir>/vms/<id>/{spec.json,console.log,vmm.log,control.sock,...}.
+state_dir = "/var/lib/novacron"
+
+# Program started for each VM as `<vmm_binary> vmm --config ... --control ... --exit-file ...`.
+# Default: the running novacron-agent executable itself.
+# vmm_binary = "/usr/bin/novacron-agent"
+
+# The VMM rotates a VM's console.log to console.log.1 when it grows past this many bytes
+# (0 = never rotate). Default: 4 MiB.
+console_log_max_bytes = 4194304
+
+# tracing filter directive (e.g. "info", "debug", "novacron_agent=debug,info").
+# The RUST_LOG environment variable overrides it.
+log_level = "info"
+
+# Grace period of a non-forced stop before the guest is forced off, in milliseconds, when a
+# request does not give its own.
+stop_timeout_ms = 5000
+"#;
+
+/// The agent's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Unix socket of the gRPC API. Default `/run/novacron/agent.sock`.
+    pub socket: PathBuf,
+    /// State directory. Default `/var/lib/novacron`.
+    pub state_dir: PathBuf,
+    /// VMM program; `None` (the default) means the running executable.
+    pub vmm_binary: Option<PathBuf>,
+    /// Console log rotation threshold in bytes (0 = never). Default 4 MiB.
+    pub console_log_max_bytes: u64,
+    /// tracing filter directive. Default `info`.
+    pub log_level: String,
+    /// Default grace period of a non-forced stop, in milliseconds. Default 5000.
+    pub stop_timeout_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            socket: PathBuf::from("/run/novacron/agent.sock"),
+            state_dir: PathBuf::from("/var/lib/novacron"),
+            vmm_binary: None,
+            console_log_max_bytes: 4 << 20,
+            log_level: "info".to_string(),
+            stop_timeout_ms: 5000,
+        }
+    }
+}
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema.
+    #[error("config file {path}, line {line}{}: {message}", field.as_deref().map(|f| format!(", field `{f}`")).unwrap_or_default())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the error (0 when unknown).
+        line: usize,
+        /// The key at fault, when known.
+        field: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is syntactically fine but unusable.
+    #[error("config file {path}: invalid {field}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key at fault.
+        field: &'static str,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+}
+
+impl AgentConfig {
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses configuration text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: AgentConfig = toml::from_str(text).map_err(|e| {
+            let (line, field) = match e.span() {
+                Some(span) => locate(text, span.start),
+                None => (0, None),
+            };
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                field,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        let invalid = |field, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            reason,
+        };
+        if cfg.socket.as_os_str().is_empty() {
+            return Err(invalid("socket", "empty; expected a socket path".into()));
+        }
+        if cfg.state_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "state_dir",
+                "empty; expected a directory path".into(),
+            ));
+        }
+        if cfg.stop_timeout_ms == 0 {
+            return Err(invalid(
+                "stop_timeout_ms",
+                "0; expected a positive number of milliseconds".into(),
+            ));
+        }
+        if let Some(vmm) = &cfg.vmm_binary {
+            if vmm.as_os_str().is_empty() {
+                return Err(invalid(
+                    "vmm_binary",
+                    "empty; expected a program path".into(),
+                ));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The VMM program: `vmm_binary` or the running executable.
+    pub fn vmm_program(&self) -> std::io::Result<PathBuf> {
+        match &self.vmm_binary {
+            Some(p) => Ok(p.clone()),
+            None => std::env::current_exe(),
+        }
+    }
+}
+
+/// 1-based line of byte `offset` in `text`, and the key of that line (`key = value`).
+fn locate(text: &str, offset: usize) -> (usize, Option<String>) {
+    let offset = offset.min(text.len());
+    let line_no = text[..offset].bytes().filter(|&b| b == b'\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let field = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('#') && !k.starts_with('['));
+    (line_no, field)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(text, Path::new("/etc/novacron/agent.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg, AgentConfig::default());
+        assert_eq!(cfg.socket, PathBuf::from("/run/novacron/agent.sock"));
+        assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/novacron"));
+        assert_eq!(cfg.vmm_binary, None);
+        assert_eq!(cfg.console_log_max_bytes, 4 * 1024 * 1024);
+        assert_eq!(cfg.log_level, "info");
+        assert_eq!(cfg.stop_timeout_ms, 5000);
+    }
+
+    #[test]
+    fn documented_default_matches_defaults() {
+        assert_eq!(parse(DEFAULT_CONFIG_TOML).unwrap(), AgentConfig::default());
+        let deployed = include_str!("../../deploy/agent.toml");
+        assert_eq!(parse(deployed).unwrap(), AgentConfig::default());
+    }
+
+    #[test]
+    fn values_override_defaults() {
+        let cfg = parse(
+            "socket = \"/tmp/a.sock\"\nstate_dir = \"/tmp/st\"\nvmm_binary = \"/bin/vmm\"\n\
+             console_log_max_bytes = 0\nlog_level = \"debug\"\nstop_timeout_ms = 10\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.socket, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(cfg.state_dir, PathBuf::from("/tmp/st"));
+        assert_eq!(cfg.vmm_binary, Some(PathBuf::from("/bin/vmm")));
+        assert_eq!(cfg.vmm_program().unwrap(), PathBuf::from("/bin/vmm"));
+        assert_eq!(cfg.console_log_max_bytes, 0);
+        assert_eq!(cfg.log_level, "debug");
+        assert_eq!(cfg.stop_timeout_ms, 10);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_field() {
+        let err = parse("socket = \"/tmp/a.sock\"\nstate_dri = \"/tmp\"\n").unwrap_err();
+        match &err {
+            ConfigError::Parse {
+                line,
+                field,
+                message,
+                ..
+            } => {
+                assert_eq!(*line, 2);
+                assert_eq!(field.as_deref(), Some("state_dri"));
+                assert!(message.contains("unknown field"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains("/etc/novacron/agent.toml"), "{text}");
+        assert!(text.contains("line 2"), "{text}");
+        assert!(text.contains("state_dri"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_names_field_and_line() {
+        let err = parse("\n\nstop_timeout_ms = \"soon\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(&err, ConfigError::Parse { line: 3, field: Some(f), .. } if f == "stop_timeout_ms"),
+            "{text}"
+        );
+        assert!(text.contains("line 3"), "{text}");
+    }
+
+    #[test]
+    fn malformed_toml_is_an_error_with_line() {
+        let err = parse("socket = \"/tmp/a.sock\"\nstate_dir = \n").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { line: 2, .. }), "{err}");
+        let err = parse("[[[").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { line: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn unusable_values_are_rejected() {
+        let err = parse("stop_timeout_ms = 0").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    field: "stop_timeout_ms",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = parse("socket = \"\"").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    field: "socket",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_file_names_it() {
+        let err = AgentConfig::load(Path::new("/nonexistent/novacron.toml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/novacron.toml"));
+    }
+}

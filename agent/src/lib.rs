@@ -1,0 +1,18 @@
+//! novacron-agent, the per-host daemon that runs one VMM process per VM.
+//!
+//! * [`config`]: the agent's TOML configuration.
+//! * [`manager`]: the core — VMs, their VMM processes and their state on disk.
+//! * [`service`]: the gRPC adapter (`novacron.agent.v1.AgentService`).
+//! * [`daemon`]: serving the API on a unix socket.
+//! * [`testing`]: [`testing::TestAgent`], a real daemon in a temporary directory for tests.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod daemon;
+pub mod manager;
+pub mod service;
+pub mod testing;
+
+pub use config::AgentConfig;
+pub use manager::{CreateParams, ManagerError, VmInfo, VmManager, VmState};
+pub use testing::TestAgent;

@@ -1,0 +1,200 @@
+//! The gRPC service: a thin adapter from `novacron.agent.v1.AgentService` to [`VmManager`].
+//!
+//! Manager errors become tonic statuses in exactly one place, [`status_of`].
+
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status};
+
+use novacron_proto::agent::v1 as pb;
+use pb::agent_service_server::AgentService;
+
+use crate::manager::{CreateParams, ManagerError, VmInfo, VmManager};
+
+/// Maps a manager error to a gRPC status (the only place this happens).
+pub fn status_of(e: ManagerError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ManagerError::InvalidArgument { .. } => Status::invalid_argument(msg),
+        ManagerError::NotFound(_) => Status::not_found(msg),
+        ManagerError::AlreadyExists(_) => Status::already_exists(msg),
+        ManagerError::WrongState(_) | ManagerError::VmmRefused { .. } => {
+            Status::failed_precondition(msg)
+        }
+        ManagerError::StartFailed { .. }
+        | ManagerError::Vmm { .. }
+        | ManagerError::UnexpectedAnswer { .. }
+        | ManagerError::Io { .. } => Status::internal(msg),
+    }
+}
+
+/// Converts a manager snapshot to the wire message.
+pub fn vm_to_proto(v: VmInfo) -> pb::Vm {
+    pb::Vm {
+        id: v.id,
+        name: v.name,
+        state: v.state.as_str().to_string(),
+        vcpus: v.vcpus,
+        memory_mib: v.memory_mib,
+        kernel: v.kernel.display().to_string(),
+        cmdline: v.cmdline,
+        pid: v.pid.unwrap_or(0),
+        vcpu_tids: v.vcpu_tids,
+        console_log: v.console_log.display().to_string(),
+        created_at_unix: v.created_at_unix,
+        exit_reason: v.exit_reason.unwrap_or_default(),
+        exit_detail: v.exit_detail,
+        entry: v.entry.to_string(),
+        initramfs: v
+            .initramfs
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        hugepages: v.hugepages,
+    }
+}
+
+fn opt_path(s: String) -> Option<PathBuf> {
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+/// The `AgentService` implementation.
+#[derive(Debug, Clone)]
+pub struct AgentServiceImpl {
+    mgr: VmManager,
+}
+
+impl AgentServiceImpl {
+    /// Wraps a manager.
+    pub fn new(mgr: VmManager) -> Self {
+        AgentServiceImpl { mgr }
+    }
+}
+
+type VmResult = Result<Response<pb::Vm>, Status>;
+
+fn vm_reply(r: Result<VmInfo, ManagerError>) -> VmResult {
+    r.map(|v| Response::new(vm_to_proto(v))).map_err(status_of)
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentServiceImpl {
+    async fn create_vm(&self, req: Request<pb::CreateVmRequest>) -> VmResult {
+        let r = req.into_inner();
+        vm_reply(
+            self.mgr
+                .create(CreateParams {
+                    name: r.name,
+                    vcpus: r.vcpus,
+                    memory_mib: r.memory_mib,
+                    kernel: opt_path(r.kernel),
+                    initramfs: opt_path(r.initramfs),
+                    cmdline: r.cmdline,
+                    entry: r.entry,
+                    test_guest: r.test_guest,
+                    hugepages: r.hugepages,
+                    start: r.start,
+                })
+                .await,
+        )
+    }
+
+    async fn list_vms(
+        &self,
+        _req: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        Ok(Response::new(pb::ListVmsResponse {
+            vms: self.mgr.list().into_iter().map(vm_to_proto).collect(),
+        }))
+    }
+
+    async fn get_vm(&self, req: Request<pb::VmRef>) -> VmResult {
+        vm_reply(self.mgr.get(&req.into_inner().id_or_name))
+    }
+
+    async fn start_vm(&self, req: Request<pb::VmRef>) -> VmResult {
+        vm_reply(self.mgr.start(&req.into_inner().id_or_name).await)
+    }
+
+    async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> VmResult {
+        let r = req.into_inner();
+        let timeout = (r.timeout_ms > 0).then_some(r.timeout_ms);
+        vm_reply(self.mgr.stop(&r.id_or_name, r.force, timeout).await)
+    }
+
+    async fn pause_vm(&self, req: Request<pb::VmRef>) -> VmResult {
+        vm_reply(self.mgr.pause(&req.into_inner().id_or_name).await)
+    }
+
+    async fn resume_vm(&self, req: Request<pb::VmRef>) -> VmResult {
+        vm_reply(self.mgr.resume(&req.into_inner().id_or_name).await)
+    }
+
+    async fn delete_vm(
+        &self,
+        req: Request<pb::DeleteVmRequest>,
+    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let r = req.into_inner();
+        let id = self
+            .mgr
+            .delete(&r.id_or_name, r.force)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::DeleteVmResponse { id }))
+    }
+
+    type StreamConsoleStream =
+        Pin<Box<dyn Stream<Item = Result<pb::ConsoleChunk, Status>> + Send + 'static>>;
+
+    async fn stream_console(
+        &self,
+        req: Request<pb::ConsoleRequest>,
+    ) -> Result<Response<Self::StreamConsoleStream>, Status> {
+        let r = req.into_inner();
+        let rx = self
+            .mgr
+            .console(&r.id_or_name, r.follow, r.from_start)
+            .map_err(status_of)?;
+        let stream = ReceiverStream::new(rx).map(|chunk| {
+            chunk
+                .map(|data| pb::ConsoleChunk { data })
+                .map_err(|e| Status::internal(format!("reading the console log: {e}")))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn guest_command(&self, req: Request<pb::GuestCommandRequest>) -> VmResult {
+        let r = req.into_inner();
+        vm_reply(self.mgr.guest_command(&r.id_or_name, r.cmd, r.arg).await)
+    }
+
+    async fn get_guest_status(
+        &self,
+        req: Request<pb::VmRef>,
+    ) -> Result<Response<pb::GuestStatus>, Status> {
+        let status = self
+            .mgr
+            .guest_status(&req.into_inner().id_or_name)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(match status {
+            None => pb::GuestStatus::default(),
+            Some(s) => pb::GuestStatus {
+                registered: true,
+                seq: s.seq,
+                pages_written: s.pages_written,
+                checksum: s.checksum,
+                ws_pages: s.ws_pages,
+                rate: s.rate,
+                pattern: s.pattern,
+                verify_count: s.verify_count,
+                verify_bad_pages: s.verify_bad_pages,
+                verify_checksum: s.verify_checksum,
+                elapsed_ms: s.elapsed_ms,
+                cmd_ack: s.cmd_ack,
+            },
+        }))
+    }
+}
