@@ -71,7 +71,10 @@ fn debian_kernel_prints_its_banner_and_gets_through_early_setup() {
     );
     // Both vCPUs found through the VMM's ACPI MADT (this kernel has no MP-table support).
     let text = wait_file_contains(&console, "smpboot: Allowing", limit);
-    assert!(text.contains("ACPI: Using ACPI (MADT) for SMP configuration"), "{text}");
+    assert!(
+        text.contains("ACPI: Using ACPI (MADT) for SMP configuration"),
+        "{text}"
+    );
     assert!(text.contains("smpboot: Allowing 2 CPUs"), "{text}");
     wait_file_contains(&console, "Hypervisor detected: KVM", limit);
     // Early setup done: the kernel has sized its memory from the VMM's map.

@@ -161,7 +161,7 @@ pub const OFF_SEED: usize = 0x98;
 pub const OFF_WRITING: usize = 0xa0;
 /// u64 the generation the page in flight had before this write.
 pub const OFF_WRITING_OLD_GEN: usize = 0xa8;
-/// char[256] NUL-terminated text for PANIC events.
+/// `char[256]` NUL-terminated text for PANIC events.
 pub const OFF_MESSAGE: usize = 0x100;
 /// Bytes of the status page that carry fields.
 pub const STATUS_USED_LEN: usize = OFF_MESSAGE + MESSAGE_LEN;

@@ -88,8 +88,9 @@ fn boot(name: &str, mem_mib: u32, append: &str) -> Run {
 
 /// The serial log starts with SeaBIOS output (and no newline before ours).
 fn serial_guest_lines(serial: &str) -> String {
-    let from = serial.find("novacron-guest: ready").unwrap_or_else(|| {
-        panic!("no ready line on the serial console:\n{serial}");
+    // SeaBIOS writes to the UART first; the guest's lines start with its first one.
+    let from = serial.find("novacron-guest: ").unwrap_or_else(|| {
+        panic!("no guest line on the serial console:\n{serial}");
     });
     serial[from..].to_owned()
 }
