@@ -28,6 +28,31 @@ enum Cmd {
     Vmm(VmmArgs),
     /// Print the documented default configuration (TOML) to stdout.
     PrintDefaultConfig,
+    /// Manage the cluster CA and agent certificates used by live migration.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Create a cluster CA (`ca.pem`, `ca.key`) in DIR; refuses to overwrite one.
+    Init {
+        /// The cluster directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The cluster name (1 to 63 characters of [a-z0-9-]).
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+    },
+    /// Issue `<agent>.pem` and `<agent>.key` with the CA in DIR.
+    Issue {
+        /// The cluster directory holding `ca.pem` and `ca.key`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The agent name (1 to 63 characters of [a-z0-9-]).
+        #[arg(long, value_name = "NAME")]
+        agent: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,7 +88,28 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Cmd::Run(args)) => run_daemon(args),
+        Some(Cmd::Certs(cmd)) => run_certs(cmd),
         None => run_daemon(RunArgs { config: None }),
+    }
+}
+
+fn run_certs(cmd: CertsCmd) -> ExitCode {
+    use novacron_migration::certs::ClusterDir;
+    let written = match &cmd {
+        CertsCmd::Init { dir, cluster } => ClusterDir::new(dir).init(cluster),
+        CertsCmd::Issue { dir, agent } => ClusterDir::new(dir).issue(agent),
+    };
+    match written {
+        Ok(paths) => {
+            for p in paths {
+                println!("wrote {}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
