@@ -9,8 +9,15 @@ use novacron_testguest::abi::GuestStatus;
 use novacron_vmm::config::{EntryProtocol, VmConfig};
 use novacron_vmm::vm::Vm;
 
-/// Fails the test at once, with the reason, if this host cannot run KVM guests.
+/// Fails the test at once, with the reason, if this host cannot run KVM guests. Also sends
+/// the VMM's logs to the test output when `RUST_LOG` is set.
 pub fn require_kvm() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -106,4 +113,37 @@ pub fn wait_file_contains(path: &Path, needle: &str, timeout: Duration) -> Strin
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Recomputes the test guest's working-set checksum from guest memory on the host side,
+/// checking every page's content but the one in flight; returns (checksum, bad pages).
+/// Call it on a paused VM.
+pub fn host_checksum(vm: &Vm, status: &GuestStatus) -> (u64, u64) {
+    use novacron_testguest::abi;
+    use vm_memory::{Bytes, GuestAddress};
+    let mut page = vec![0u8; abi::PAGE_SIZE];
+    let mut sum = 0u64;
+    let mut bad = 0u64;
+    for i in 0..status.ws_pages {
+        if status.writing == i + 1 {
+            // Paused mid-page: its old generation's term is still in the checksum.
+            sum = sum.wrapping_add(abi::checksum_term_seeded(
+                status.seed,
+                i,
+                status.writing_old_gen,
+            ));
+            continue;
+        }
+        let gpa = status.ws_start + i * abi::PAGE_SIZE as u64;
+        vm.memory()
+            .read_slice(&mut page, GuestAddress(gpa))
+            .expect("working set is guest RAM");
+        match abi::check_page(status.seed, i, &page) {
+            Some(generation) => {
+                sum = sum.wrapping_add(abi::checksum_term_seeded(status.seed, i, generation))
+            }
+            None => bad += 1,
+        }
+    }
+    (sum, bad)
 }

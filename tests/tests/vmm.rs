@@ -5,45 +5,10 @@
 use std::time::Duration;
 
 use novacron_testguest::abi;
-use novacron_tests::{require_kvm, test_guest_config, wait_file_contains, RunningVm};
+use novacron_tests::{
+    host_checksum, require_kvm, test_guest_config, wait_file_contains, RunningVm,
+};
 use novacron_vmm::control::ExitReason;
-use vm_memory_check::host_checksum;
-
-mod vm_memory_check {
-    use novacron_testguest::abi::{self, GuestStatus};
-    use novacron_vmm::vm::Vm;
-    use vm_memory::{Bytes, GuestAddress};
-
-    /// Recomputes the working set's checksum from guest memory on the host side, checking
-    /// every page's content but the one in flight; returns (checksum, bad pages).
-    pub fn host_checksum(vm: &Vm, status: &GuestStatus) -> (u64, u64) {
-        let mut page = vec![0u8; abi::PAGE_SIZE];
-        let mut sum = 0u64;
-        let mut bad = 0u64;
-        for i in 0..status.ws_pages {
-            if status.writing == i + 1 {
-                // Paused mid-page: its old generation's term is still in the checksum.
-                sum = sum.wrapping_add(abi::checksum_term_seeded(
-                    status.seed,
-                    i,
-                    status.writing_old_gen,
-                ));
-                continue;
-            }
-            let gpa = status.ws_start + i * abi::PAGE_SIZE as u64;
-            vm.memory()
-                .read_slice(&mut page, GuestAddress(gpa))
-                .expect("working set is guest RAM");
-            match abi::check_page(status.seed, i, &page) {
-                Some(generation) => {
-                    sum = sum.wrapping_add(abi::checksum_term_seeded(status.seed, i, generation))
-                }
-                None => bad += 1,
-            }
-        }
-        (sum, bad)
-    }
-}
 
 const BOOT: Duration = Duration::from_secs(60);
 

@@ -73,6 +73,22 @@ pub enum Request {
         /// Source directory.
         dir: String,
     },
+    /// Live-migrate this VM to a destination VMM (returns at once; poll
+    /// [`Request::MigrationStatus`]).
+    MigrateOut {
+        /// Where to and how.
+        params: crate::migrate::OutgoingParams,
+    },
+    /// Listen for an incoming migration (only in the incoming state); answers with the
+    /// bound address.
+    MigrateIn {
+        /// Where to listen and whom to accept.
+        params: crate::migrate::IncomingParams,
+    },
+    /// Progress or final statistics of the current (or last) migration.
+    MigrationStatus,
+    /// Cancel the current migration (honoured until its commit).
+    MigrationCancel,
 }
 
 /// Identity and counters of a VMM.
@@ -112,6 +128,16 @@ pub enum Response {
     Dirty {
         /// Pages dirtied since the previous fetch.
         pages: u64,
+    },
+    /// Answer to [`Request::MigrateIn`].
+    MigrationListening {
+        /// The bound address.
+        address: String,
+    },
+    /// Answer to [`Request::MigrationStatus`].
+    Migration {
+        /// `None` if no migration ever ran in this VMM.
+        progress: Option<crate::migrate::Progress>,
     },
     /// The request failed; nothing was changed.
     Error {
@@ -250,6 +276,10 @@ pub enum ExitReason {
     GuestPanic,
     /// The VMM itself failed.
     VmmError,
+    /// The VM was live-migrated away; the destination runs it.
+    Migrated,
+    /// An incoming migration was discarded before it committed; nothing runs here.
+    IncomingDiscarded,
 }
 
 impl ExitReason {

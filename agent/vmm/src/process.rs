@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::VmConfig;
+use crate::control::RunState;
 use crate::control::{ExitReason, ExitRecord, Request, Response, VmmInfo};
+use crate::migrate;
 use crate::state;
 use crate::vm::Vm;
 
@@ -123,7 +125,74 @@ fn connection(stream: UnixStream, vm: Arc<Vm>) {
     }
 }
 
-fn handle(vm: &Vm, req: Request) -> Response {
+/// The migration of this VMM, if one was started.
+static MIGRATION: std::sync::Mutex<Option<Arc<migrate::Handle>>> = std::sync::Mutex::new(None);
+
+fn start_migration(vm: &Arc<Vm>, req: Request) -> Response {
+    let mut current = MIGRATION.lock().unwrap();
+    if let Some(h) = current.as_ref() {
+        let phase = h.progress.lock().unwrap().phase.clone();
+        if !matches!(phase.as_str(), "rolled-back" | "discarded") {
+            return Response::Error {
+                message: format!("a migration is already under way (phase {phase})"),
+            };
+        }
+    }
+    let handle = Arc::new(migrate::Handle::default());
+    let vm = Arc::clone(vm);
+    let response = match req {
+        Request::MigrateOut { params } => {
+            if vm.state() != RunState::Running {
+                return Response::Error {
+                    message: format!("VM is {:?}; only a running VM can be migrated", vm.state()),
+                };
+            }
+            let h = Arc::clone(&handle);
+            let spawned = std::thread::Builder::new()
+                .name("migrate-out".into())
+                .spawn(move || migrate::migrate_out(vm, params, h));
+            match spawned {
+                Ok(_) => Response::Ok,
+                Err(e) => Response::Error {
+                    message: format!("starting the migration thread: {e}"),
+                },
+            }
+        }
+        Request::MigrateIn { params } => {
+            if vm.state() != RunState::Incoming {
+                return Response::Error {
+                    message: format!(
+                        "VM is {:?}; only an incoming VMM can receive a migration",
+                        vm.state()
+                    ),
+                };
+            }
+            match migrate::migrate_in(vm, params, Arc::clone(&handle)) {
+                Ok((address, run)) => match std::thread::Builder::new()
+                    .name("migrate-in".into())
+                    .spawn(run)
+                {
+                    Ok(_) => Response::MigrationListening {
+                        address: address.to_string(),
+                    },
+                    Err(e) => Response::Error {
+                        message: format!("starting the migration thread: {e}"),
+                    },
+                },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            }
+        }
+        _ => unreachable!("only migration requests"),
+    };
+    if !matches!(response, Response::Error { .. }) {
+        *current = Some(handle);
+    }
+    response
+}
+
+fn handle(vm: &Arc<Vm>, req: Request) -> Response {
     let done = |r: Result<(), crate::vm::VmError>| match r {
         Ok(()) => Response::Ok,
         Err(e) => Response::Error {
@@ -164,6 +233,23 @@ fn handle(vm: &Vm, req: Request) -> Response {
         },
         Request::SaveState { dir } => done(state::save(vm, Path::new(&dir))),
         Request::RestoreState { dir } => done(state::restore(vm, Path::new(&dir))),
+        req @ (Request::MigrateOut { .. } | Request::MigrateIn { .. }) => start_migration(vm, req),
+        Request::MigrationStatus => Response::Migration {
+            progress: MIGRATION
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|h| h.progress.lock().unwrap().clone()),
+        },
+        Request::MigrationCancel => match MIGRATION.lock().unwrap().as_ref() {
+            Some(h) => {
+                h.cancel();
+                Response::Ok
+            }
+            None => Response::Error {
+                message: "no migration is under way".into(),
+            },
+        },
     }
 }
 

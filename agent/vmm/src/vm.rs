@@ -653,16 +653,17 @@ impl Vm {
         Ok(())
     }
 
-    /// Fetches and clears the dirty pages since the previous call: KVM's log of guest writes
-    /// merged with the VMM's own writes (vm-memory's bitmap).
-    pub fn fetch_dirty(&self) -> Result<u64, VmError> {
+    /// Fetches and clears the pages dirtied since the previous call, as page indices
+    /// (guest-physical address / 4096): KVM's log of guest writes merged with the VMM's own
+    /// writes (vm-memory's bitmap).
+    pub fn take_dirty_pages(&self) -> Result<Vec<u64>, VmError> {
         if !self.dirty_log.load(Ordering::Acquire) {
             return Err(VmError::WrongState {
                 state: self.state(),
                 what: "dirty logging is off",
             });
         }
-        let mut count = 0u64;
+        let mut pages = Vec::new();
         for (slot, region) in self.slots.iter().zip(self.mem.iter()) {
             let kvm_bits = self
                 .vm_fd
@@ -670,16 +671,21 @@ impl Vm {
                 .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
             let mmap: &vm_memory::MmapRegion<AtomicBitmap> = region;
             let vmm_bits = mmap.bitmap();
-            let pages = (slot.size / 4096) as usize;
-            for page in 0..pages {
+            let first = slot.gpa / 4096;
+            for page in 0..(slot.size / 4096) as usize {
                 let kvm_dirty = (kvm_bits[page / 64] >> (page % 64)) & 1 == 1;
                 if kvm_dirty || vmm_bits.is_bit_set(page) {
-                    count += 1;
+                    pages.push(first + page as u64);
                 }
             }
             vmm_bits.reset_addr_range(0, slot.size as usize);
         }
-        Ok(count)
+        Ok(pages)
+    }
+
+    /// Fetches and clears the dirty pages since the previous call; returns how many.
+    pub fn fetch_dirty(&self) -> Result<u64, VmError> {
+        Ok(self.take_dirty_pages()?.len() as u64)
     }
 }
 
