@@ -147,3 +147,67 @@ pub fn host_checksum(vm: &Vm, status: &GuestStatus) -> (u64, u64) {
     }
     (sum, bad)
 }
+
+/// A UDP relay on loopback between a client and `target`, which a test can cut at any moment
+/// (every packet is dropped from then on), to break a QUIC connection mid-way.
+pub struct Relay {
+    /// Where clients send.
+    pub addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    /// Starts relaying to `target`.
+    pub fn start(target: std::net::SocketAddr) -> Relay {
+        use std::net::UdpSocket;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let front = UdpSocket::bind("127.0.0.1:0").expect("bind relay front");
+        let back = UdpSocket::bind("127.0.0.1:0").expect("bind relay back");
+        back.connect(target).expect("connect relay back");
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        }
+        let addr = front.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let client: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        let (front2, back2) = (front.try_clone().unwrap(), back.try_clone().unwrap());
+        let (c1, s1, cl1) = (cut.clone(), stop.clone(), client.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !s1.load(Ordering::Acquire) {
+                if let Ok((n, from)) = front.recv_from(&mut buf) {
+                    *cl1.lock().unwrap() = Some(from);
+                    if !c1.load(Ordering::Acquire) {
+                        let _ = back.send(&buf[..n]);
+                    }
+                }
+            }
+        });
+        let (c2, s2) = (cut.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !s2.load(Ordering::Acquire) {
+                if let Ok(n) = back2.recv(&mut buf) {
+                    let to = *client.lock().unwrap();
+                    if let (false, Some(to)) = (c2.load(Ordering::Acquire), to) {
+                        let _ = front2.send_to(&buf[..n], to);
+                    }
+                }
+            }
+        });
+        Relay { addr, cut, stop }
+    }
+
+    /// Drops every packet from now on.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+}

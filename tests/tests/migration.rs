@@ -220,3 +220,255 @@ fn an_unreachable_destination_leaves_the_vm_running() {
     assert_eq!(host_checksum(&src.vm, &s), (s.checksum, 0));
     src.shutdown();
 }
+
+/// Starts a migration on a thread; returns its handle and the thread.
+fn start_out(vm: &RunningVm, params: OutgoingParams) -> (Arc<Handle>, std::thread::JoinHandle<()>) {
+    let handle = Arc::new(Handle::default());
+    let (h, vm) = (handle.clone(), vm.vm.clone());
+    let t = std::thread::spawn(move || migrate::migrate_out(vm, params, h));
+    (handle, t)
+}
+
+fn wait_wire_bytes(handle: &Handle, bytes: u64) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while handle.progress.lock().unwrap().wire_bytes < bytes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress: {:?}",
+            handle.progress.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The source runs on with memory intact after a failed migration.
+fn assert_intact_on_source(src: &RunningVm, handle: &Handle) {
+    let p = handle.progress.lock().unwrap().clone();
+    assert_eq!(p.phase, "rolled-back", "{p:?}");
+    assert_eq!(src.vm.state(), RunState::Running);
+    let before = src.vm.guest_status().unwrap().unwrap().pages_written;
+    src.wait_status("progress after the rollback", WAIT, |s| {
+        s.pages_written > before + 100
+    });
+    src.vm.pause().unwrap();
+    let s = src.vm.guest_status().unwrap().unwrap();
+    assert_eq!(
+        host_checksum(&src.vm, &s),
+        (s.checksum, 0),
+        "source memory damaged"
+    );
+    src.vm.resume().unwrap();
+}
+
+#[test]
+fn a_connection_cut_mid_way_rolls_back() {
+    require_kvm();
+    let cluster = Cluster::new();
+    let token = [3u8; 16];
+    let cmdline = "nc.mem=32 nc.rate=5000 nc.pattern=random";
+    let src = RunningVm::start(
+        test_guest_config(cluster.dir.path(), "src", 64, cmdline),
+        false,
+    );
+    src.wait_status("progress", WAIT, |s| s.pages_written > 10_000);
+    let (dst, dst_handle, addr) = destination(&cluster, "dst", 64, cmdline, token);
+    let relay = novacron_tests::Relay::start(addr);
+    let mut params = outgoing(&cluster, relay.addr, token);
+    params.bandwidth_limit = 8 << 20; // 8 MiB/s: round 0 takes seconds
+    let (handle, t) = start_out(&src, params);
+    wait_wire_bytes(&handle, 2 << 20);
+    relay.cut();
+    t.join().unwrap();
+    assert!(
+        handle
+            .progress
+            .lock()
+            .unwrap()
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("timed out"),
+        "{:?}",
+        handle.progress.lock().unwrap()
+    );
+    assert_intact_on_source(&src, &handle);
+    // The destination noticed too and discarded everything.
+    assert!(dst.vm.wait_end_timeout(WAIT));
+    assert_eq!(dst.vm.wait_end().reason, ExitReason::IncomingDiscarded);
+    assert_eq!(dst_handle.progress.lock().unwrap().phase, "discarded");
+    src.shutdown();
+    dst.shutdown();
+}
+
+#[test]
+fn a_cancelled_migration_rolls_back_and_the_destination_discards() {
+    require_kvm();
+    let cluster = Cluster::new();
+    let token = [4u8; 16];
+    let cmdline = "nc.mem=32 nc.rate=5000";
+    let src = RunningVm::start(
+        test_guest_config(cluster.dir.path(), "src", 64, cmdline),
+        false,
+    );
+    src.wait_status("progress", WAIT, |s| s.pages_written > 10_000);
+    let (dst, _dh, addr) = destination(&cluster, "dst", 64, cmdline, token);
+    let mut params = outgoing(&cluster, addr, token);
+    params.bandwidth_limit = 8 << 20;
+    let (handle, t) = start_out(&src, params);
+    wait_wire_bytes(&handle, 1 << 20);
+    handle.cancel();
+    t.join().unwrap();
+    assert!(handle
+        .progress
+        .lock()
+        .unwrap()
+        .error
+        .as_deref()
+        .unwrap_or("")
+        .contains("cancelled"));
+    assert_intact_on_source(&src, &handle);
+    assert!(dst.vm.wait_end_timeout(WAIT));
+    assert_eq!(dst.vm.wait_end().reason, ExitReason::IncomingDiscarded);
+    src.shutdown();
+    dst.shutdown();
+}
+
+#[test]
+fn a_destination_with_another_agents_certificate_is_refused() {
+    require_kvm();
+    let cluster = Cluster::new();
+    let token = [5u8; 16];
+    let src = RunningVm::start(
+        test_guest_config(cluster.dir.path(), "src", 64, "nc.mem=16 nc.rate=2000"),
+        false,
+    );
+    src.wait_status("progress", WAIT, |s| s.pages_written > 1000);
+    let (dst, _dh, addr) = destination(&cluster, "dst", 64, "", token);
+    // The source asked for agent "alpha" but the listener presents "beta"'s certificate.
+    let mut params = outgoing(&cluster, addr, token);
+    params.dest_agent = "alpha".into();
+    let handle = Arc::new(Handle::default());
+    migrate::migrate_out(src.vm.clone(), params, handle.clone());
+    let err = handle
+        .progress
+        .lock()
+        .unwrap()
+        .error
+        .clone()
+        .unwrap_or_default();
+    assert!(err.contains("not valid for name \"alpha\""), "{err}");
+    assert_intact_on_source(&src, &handle);
+    src.shutdown();
+    dst.shutdown();
+}
+
+#[test]
+fn a_destination_process_killed_mid_way_leaves_the_vm_on_the_source() {
+    require_kvm();
+    let cluster = Cluster::new();
+    let token = [6u8; 16];
+    let cmdline = "nc.mem=32 nc.rate=5000 nc.pattern=random";
+    let src = RunningVm::start(
+        test_guest_config(cluster.dir.path(), "src", 64, cmdline),
+        false,
+    );
+    src.wait_status("progress", WAIT, |s| s.pages_written > 10_000);
+    // The destination is a real VMM process, killed with SIGKILL during pre-copy.
+    let dir = cluster.dir.path();
+    let config = test_guest_config(dir, "dst", 64, cmdline);
+    std::fs::write(dir.join("dst.json"), serde_json::to_vec(&config).unwrap()).unwrap();
+    let agent =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/novacron-agent");
+    assert!(
+        agent.exists(),
+        "{} is missing: cargo build -p novacron-agent (cargo test --workspace builds it)",
+        agent.display()
+    );
+    let mut child = std::process::Command::new(&agent)
+        .args(["vmm", "--incoming", "--config"])
+        .arg(dir.join("dst.json"))
+        .arg("--control")
+        .arg(dir.join("dst.sock"))
+        .arg("--exit-file")
+        .arg(dir.join("dst.exit"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut client = loop {
+        if let Ok(c) =
+            novacron_vmm::control::Client::connect(&dir.join("dst.sock"), Duration::from_secs(5))
+        {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "destination VMM did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let reply = client
+        .call(&novacron_vmm::control::Request::MigrateIn {
+            params: IncomingParams {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                token,
+                cert_dir: cluster.certs(),
+                agent: "beta".into(),
+            },
+        })
+        .unwrap();
+    let novacron_vmm::control::Response::MigrationListening { address } = reply else {
+        panic!("MigrateIn: {reply:?}");
+    };
+    let mut params = outgoing(&cluster, address.parse().unwrap(), token);
+    params.bandwidth_limit = 8 << 20;
+    let (handle, t) = start_out(&src, params);
+    wait_wire_bytes(&handle, 2 << 20);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    t.join().unwrap();
+    assert_intact_on_source(&src, &handle);
+    src.shutdown();
+}
+
+#[test]
+fn ten_migrations_back_and_forth() {
+    require_kvm();
+    let cluster = Cluster::new();
+    let cmdline = "nc.mem=16 nc.rate=5000 nc.pattern=random";
+    let mut vm = RunningVm::start(
+        test_guest_config(cluster.dir.path(), "vm0", 64, cmdline),
+        false,
+    );
+    let mut last = vm
+        .wait_status("progress", WAIT, |s| s.pages_written > 2000)
+        .pages_written;
+    for i in 1..=10u8 {
+        let token = [i; 16];
+        let (dst, _dh, addr) = destination(&cluster, &format!("vm{i}"), 64, cmdline, token);
+        let handle = Arc::new(Handle::default());
+        migrate::migrate_out(
+            vm.vm.clone(),
+            outgoing(&cluster, addr, token),
+            handle.clone(),
+        );
+        let p = handle.progress.lock().unwrap().clone();
+        assert_eq!(p.phase, "completed", "migration {i}: {p:?}");
+        assert_eq!(vm.vm.wait_end().reason, ExitReason::Migrated);
+        vm.shutdown();
+        let s = dst.wait_status("progress on the new host", WAIT, |s| {
+            s.pages_written > last + 500
+        });
+        last = s.pages_written;
+        vm = dst;
+    }
+    let seq = vm.vm.post_guest_command(abi::CMD_VERIFY, 0).unwrap();
+    let v = vm.wait_status("verification after ten migrations", WAIT, |s| {
+        s.cmd_ack >= seq
+    });
+    assert_eq!(v.verify_bad_pages, 0);
+    vm.vm.pause().unwrap();
+    let s = vm.vm.guest_status().unwrap().unwrap();
+    assert_eq!(host_checksum(&vm.vm, &s), (s.checksum, 0));
+    vm.shutdown();
+}

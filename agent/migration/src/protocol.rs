@@ -622,7 +622,7 @@ impl Destination {
 pub struct RoundStats {
     /// Pages sent in the round.
     pub pages_sent: u64,
-    /// Bytes on the wire for them.
+    /// Bytes put on the wire in the round.
     pub wire_bytes: u64,
     /// How long sending took.
     pub duration: Duration,
@@ -718,7 +718,7 @@ impl Convergence {
         self.throttle
     }
 
-    /// Link throughput measured in the last round (bytes/s of page data, uncompressed).
+    /// Link throughput measured in the last round (bytes on the wire per second).
     pub fn throughput(&self) -> f64 {
         self.throughput
     }
@@ -733,10 +733,11 @@ impl Convergence {
 
     /// Decides after a round.
     pub fn after_round(&mut self, s: RoundStats) -> Decision {
-        if s.pages_sent > 0 && !s.duration.is_zero() {
-            // Page-data throughput (uncompressed), so zero and compressible pages count at
-            // the rate they actually move.
-            self.throughput = s.pages_sent as f64 * 4096.0 / s.duration.as_secs_f64();
+        if s.wire_bytes > 0 && !s.duration.is_zero() {
+            // Bytes on the wire per second. A dirty page is assumed to cost a whole page on
+            // the wire (zero and compressible pages cost less), so the prediction errs on the
+            // long side and never switches over too early.
+            self.throughput = s.wire_bytes as f64 / s.duration.as_secs_f64();
         }
         let predicted = self.predict(s.dirty_pages);
         if s.dirty_pages == 0 || predicted <= self.policy.downtime_limit {

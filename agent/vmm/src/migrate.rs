@@ -136,7 +136,7 @@ pub struct Progress {
     pub pages_left: u64,
     /// Guest dirty rate in the last round, pages/s.
     pub dirty_rate: f64,
-    /// Link throughput in the last round, bytes of page data per second.
+    /// Link throughput in the last round, bytes on the wire per second.
     pub throughput: f64,
     /// Predicted downtime for switching over now, ms.
     pub predicted_downtime_ms: f64,
@@ -558,6 +558,7 @@ async fn source(
             return Err(MigrateError::Other("cancelled".into()));
         }
         let t = Instant::now();
+        let wire_before = stats.wire.load(Ordering::Relaxed);
         senders.send_pages(round, &to_send).await?;
         senders.barrier(false).await?;
         let duration = t.elapsed();
@@ -570,7 +571,7 @@ async fn source(
         let dirty_rate = dirty.len() as f64 / duration.as_secs_f64().max(1e-6);
         let decision = conv.after_round(RoundStats {
             pages_sent: to_send.len() as u64,
-            wire_bytes: stats.wire.load(Ordering::Relaxed),
+            wire_bytes: stats.wire.load(Ordering::Relaxed) - wire_before,
             duration,
             dirty_pages: dirty.len() as u64,
             elapsed: started.elapsed(),
@@ -957,6 +958,7 @@ async fn destination(
                 },
                 DestAction::DrainData => {
                     let expected = sm_expected_total(sm);
+                    tracing::debug!(expected, received = received.load(Ordering::Acquire), "draining data");
                     let deadline = Instant::now() + Duration::from_secs(30);
                     loop {
                         let got = received.load(Ordering::Acquire);
@@ -969,6 +971,7 @@ async fn destination(
                         }
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
+                    tracing::debug!(expected, received = received.load(Ordering::Acquire), "all data received");
                     queue.extend(sm.data_complete(received.load(Ordering::Acquire)));
                 }
                 DestAction::Resume => {
