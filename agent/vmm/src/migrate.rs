@@ -197,16 +197,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime starts")
 }
 
-/// Every page index (gpa / 4096) of guest RAM.
-fn all_pages(vm: &Vm) -> Vec<u64> {
-    let mut out = Vec::new();
-    for r in vm.mem.iter() {
-        let first = r.start_addr().0 / PAGE_SIZE as u64;
-        out.extend(first..first + r.len() / PAGE_SIZE as u64);
-    }
-    out
-}
-
 /// Holds the vCPUs for `percent` of every 10 ms slice while a migration does not converge.
 struct Throttle {
     percent: Arc<AtomicU8>,
@@ -550,7 +540,9 @@ async fn source(
     });
     handle.set(|p| p.phase = "pre-copy".into());
 
-    let mut to_send = all_pages(vm);
+    // Round 0: every page this process ever backed. Pages never touched are zero here and on
+    // the destination; any write from now on is in the dirty log, enabled above.
+    let mut to_send = vm.backed_pages();
     let mut round = 0u32;
     let dirty = loop {
         if handle.cancel.load(Ordering::Acquire) {

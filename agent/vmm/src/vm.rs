@@ -683,6 +683,39 @@ impl Vm {
         Ok(pages)
     }
 
+    /// Page indices (guest-physical address / 4096) of guest RAM that this process has ever
+    /// backed, from `/proc/self/pagemap`: a page neither present nor swapped out has never
+    /// been written and reads as zero, so a migration's first round can skip it (the
+    /// destination's fresh memory is zero too). Falls back to every page if pagemap cannot
+    /// be read.
+    pub fn backed_pages(&self) -> Vec<u64> {
+        use std::io::{Read, Seek, SeekFrom};
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        let all = |gpa: u64, size: u64| (gpa / 4096)..(gpa + size) / 4096;
+        let mut out = Vec::new();
+        let mut pagemap = std::fs::File::open("/proc/self/pagemap").ok();
+        for slot in &self.slots {
+            let pages = (slot.size / 4096) as usize;
+            let mut entries = vec![0u8; pages * 8];
+            let read = pagemap.as_mut().is_some_and(|f| {
+                f.seek(SeekFrom::Start(slot.host / 4096 * 8)).is_ok() && f.read_exact(&mut entries).is_ok()
+            });
+            if !read {
+                out.extend(all(slot.gpa, slot.size));
+                continue;
+            }
+            let first = slot.gpa / 4096;
+            for (i, e) in entries.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                if e & (PRESENT | SWAPPED) != 0 {
+                    out.push(first + i as u64);
+                }
+            }
+        }
+        out
+    }
+
     /// Fetches and clears the dirty pages since the previous call; returns how many.
     pub fn fetch_dirty(&self) -> Result<u64, VmError> {
         Ok(self.take_dirty_pages()?.len() as u64)
