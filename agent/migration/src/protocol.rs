@@ -691,12 +691,18 @@ pub enum Decision {
     Cancel,
 }
 
+/// Rounds a migration may add, once the prediction is within the limit, to shrink the
+/// downtime further.
+pub const MAX_EXTRA_ROUNDS: u32 = 4;
+
 /// Pure convergence control: predicts the downtime from the last round's throughput and the
 /// dirty pages left, and raises the throttle when a round did not shrink the dirty set.
 #[derive(Debug, Clone)]
 pub struct Convergence {
     policy: Policy,
     throttle: u8,
+    /// Rounds run although the prediction was already within the limit.
+    extra_rounds: u32,
     last_dirty: Option<u64>,
     /// Bytes per second the link carried in the last round.
     throughput: f64,
@@ -708,6 +714,7 @@ impl Convergence {
         Convergence {
             policy,
             throttle: 0,
+            extra_rounds: 0,
             last_dirty: None,
             throughput: 0.0,
         }
@@ -740,8 +747,24 @@ impl Convergence {
             self.throughput = s.wire_bytes as f64 / s.duration.as_secs_f64();
         }
         let predicted = self.predict(s.dirty_pages);
-        if s.dirty_pages == 0 || predicted <= self.policy.downtime_limit {
+        // Within the limit, a cheap extra round that keeps shrinking the dirty set buys a
+        // shorter downtime; stop when the set is tiny, stops shrinking, or after a few.
+        let shrinking = self
+            .last_dirty
+            .is_some_and(|prev| s.dirty_pages * 4 <= prev * 3);
+        if s.dirty_pages == 0
+            || predicted <= self.policy.downtime_limit / 8
+            || (predicted <= self.policy.downtime_limit
+                && (!shrinking || self.extra_rounds >= MAX_EXTRA_ROUNDS))
+        {
             return Decision::SwitchOver { predicted };
+        }
+        if predicted <= self.policy.downtime_limit {
+            self.extra_rounds += 1;
+            self.last_dirty = Some(s.dirty_pages);
+            return Decision::Continue {
+                throttle: self.throttle,
+            };
         }
         if s.elapsed >= self.policy.time_limit {
             return match self.policy.on_time_limit {
@@ -750,9 +773,7 @@ impl Convergence {
             };
         }
         // Not converging: the dirty set did not shrink by at least a quarter.
-        let stuck = self
-            .last_dirty
-            .is_some_and(|prev| s.dirty_pages * 4 > prev * 3);
+        let stuck = self.last_dirty.is_some() && !shrinking;
         if self.policy.auto_converge && stuck {
             self.throttle = if self.throttle == 0 {
                 self.policy.throttle_initial
@@ -1069,6 +1090,30 @@ mod tests {
             c.after_round(stats(100_000, 400, 50_000, 4)),
             Decision::Continue { throttle: 30 }
         );
+        // Within the limit but still shrinking: a few extra rounds to cut the downtime.
+        let mut e = Convergence::new(Policy::default());
+        e.after_round(stats(250_000, 1000, 100_000, 1));
+        assert_eq!(
+            e.after_round(stats(100_000, 400, 10_000, 2)),
+            Decision::Continue { throttle: 0 }
+        );
+        assert_eq!(
+            e.after_round(stats(10_000, 40, 2_000, 2)),
+            Decision::Continue { throttle: 0 }
+        );
+        // Tiny (under an eighth of the limit): switch at once.
+        assert!(matches!(
+            e.after_round(stats(2_000, 8, 1_500, 2)),
+            Decision::SwitchOver { .. }
+        ));
+        // Within the limit and no longer shrinking: switch.
+        let mut f = Convergence::new(Policy::default());
+        f.after_round(stats(250_000, 1000, 100_000, 1));
+        f.after_round(stats(100_000, 400, 10_000, 2));
+        assert!(matches!(
+            f.after_round(stats(10_000, 40, 9_000, 2)),
+            Decision::SwitchOver { .. }
+        ));
         // Time limit: cancel by default, force if asked.
         assert_eq!(
             c.after_round(stats(100_000, 400, 50_000, 400)),

@@ -634,10 +634,11 @@ async fn source(
     last.dedup();
     mark("dirty set taken");
     senders.send_pages(round, &last).await?;
-    senders.barrier(true).await?;
-    mark("last pages sent");
+    // The state does not change while paused: capture it while the streams send.
     let device_state = state::capture(vm)?;
     mark("state captured");
+    senders.barrier(true).await?;
+    mark("last pages sent");
     for a in sm.switch_over(last.len() as u64, device_state) {
         if let SourceAction::Send(f) = a {
             send_control(&mut ctl_send, &f).await?;
