@@ -4,6 +4,8 @@
 //! what `novacron-agent print-default-config` prints and what `deploy/agent.toml` holds).
 //! Unknown keys are errors, so a typo cannot silently fall back to a default.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +36,28 @@ log_level = "info"
 # Grace period of a non-forced stop before the guest is forced off, in milliseconds, when a
 # request does not give its own.
 stop_timeout_ms = 5000
+
+# Memory this agent may give to running VMs in total, in MiB (VMs starting, running, paused
+# or receiving a migration count). Starts and incoming migrations beyond it are refused.
+# 0 = no limit of its own (the host's MemAvailable still applies).
+max_memory_mib = 0
+
+# Live migration between agents (QUIC, mutual TLS with the cluster CA). Without `listen`
+# this agent accepts no migrations; without `agent_name` and `cert_dir` it can neither send
+# nor receive one.
+[migration]
+# Address (IP:port, UDP) the agent listens on for other agents' migration requests.
+# listen = "127.0.0.1:7100"
+# This agent's name: its certificate `<cert_dir>/<agent_name>.pem` names it.
+# agent_name = "node-1"
+# The cluster directory made by `novacron-agent certs init` / `certs issue` (ca.pem and
+# this agent's certificate and key).
+# cert_dir = "/etc/novacron/cluster"
+
+# Other agents' migration listeners by name ("host:port"); `novacronctl vm migrate VM
+# --to NAME` picks one.
+[migration.peers]
+# node-2 = "10.0.0.2:7100"
 "#;
 
 /// The agent's configuration.
@@ -52,6 +76,37 @@ pub struct AgentConfig {
     pub log_level: String,
     /// Default grace period of a non-forced stop, in milliseconds. Default 5000.
     pub stop_timeout_ms: u64,
+    /// Memory this agent may give to active VMs in total, MiB (0 = no limit of its own).
+    pub max_memory_mib: u64,
+    /// Live migration between agents.
+    pub migration: MigrationConfig,
+}
+
+/// The `[migration]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationConfig {
+    /// Where to accept other agents' migration requests (UDP); `None` = accept none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// This agent's certificate name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_name: Option<String>,
+    /// The cluster directory (`ca.pem`, `<agent_name>.pem`, `<agent_name>.key`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_dir: Option<PathBuf>,
+    /// Other agents' migration listeners: name → "host:port".
+    pub peers: BTreeMap<String, String>,
+}
+
+impl MigrationConfig {
+    /// Whether any migration key is set.
+    pub fn is_configured(&self) -> bool {
+        self.listen.is_some()
+            || self.agent_name.is_some()
+            || self.cert_dir.is_some()
+            || !self.peers.is_empty()
+    }
 }
 
 impl Default for AgentConfig {
@@ -63,6 +118,8 @@ impl Default for AgentConfig {
             console_log_max_bytes: 4 << 20,
             log_level: "info".to_string(),
             stop_timeout_ms: 5000,
+            max_memory_mib: 0,
+            migration: MigrationConfig::default(),
         }
     }
 }
@@ -155,7 +212,49 @@ impl AgentConfig {
                 ));
             }
         }
+        cfg.check_migration()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         Ok(cfg)
+    }
+
+    fn check_migration(&self) -> Result<(), (&'static str, String)> {
+        use novacron_migration::certs::validate_agent_name;
+        let m = &self.migration;
+        if !m.is_configured() {
+            return Ok(());
+        }
+        let Some(name) = &m.agent_name else {
+            return Err((
+                "migration.agent_name",
+                "missing; expected this agent's certificate name when [migration] is used".into(),
+            ));
+        };
+        validate_agent_name(name).map_err(|e| ("migration.agent_name", e.to_string()))?;
+        match &m.cert_dir {
+            None => {
+                return Err((
+                    "migration.cert_dir",
+                    "missing; expected the cluster directory when [migration] is used".into(),
+                ))
+            }
+            Some(d) if d.as_os_str().is_empty() => {
+                return Err(("migration.cert_dir", "empty; expected a directory".into()))
+            }
+            Some(_) => {}
+        }
+        for (peer, addr) in &m.peers {
+            validate_agent_name(peer).map_err(|e| ("migration.peers", e.to_string()))?;
+            if !addr
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+            {
+                return Err((
+                    "migration.peers",
+                    format!("{peer} = {addr:?}: expected \"host:port\""),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The VMM program: `vmm_binary` or the running executable.
@@ -197,6 +296,62 @@ mod tests {
         assert_eq!(cfg.console_log_max_bytes, 4 * 1024 * 1024);
         assert_eq!(cfg.log_level, "info");
         assert_eq!(cfg.stop_timeout_ms, 5000);
+        assert_eq!(cfg.max_memory_mib, 0);
+        assert!(!cfg.migration.is_configured());
+    }
+
+    #[test]
+    fn documented_migration_example_parses() {
+        // The commented examples of the [migration] section, uncommented.
+        let text: String = DEFAULT_CONFIG_TOML
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if ["listen", "agent_name", "cert_dir", "node-2"]
+                        .iter()
+                        .any(|k| rest.starts_with(&format!("{k} ="))) =>
+                {
+                    rest.to_string()
+                }
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cfg = parse(&text).unwrap();
+        let m = &cfg.migration;
+        assert_eq!(m.listen, Some("127.0.0.1:7100".parse().unwrap()));
+        assert_eq!(m.agent_name.as_deref(), Some("node-1"));
+        assert_eq!(m.cert_dir, Some(PathBuf::from("/etc/novacron/cluster")));
+        assert_eq!(m.peers["node-2"], "10.0.0.2:7100");
+        // And it survives a round trip through TOML (as the test harness writes it).
+        let again = parse(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn incomplete_migration_settings_are_refused() {
+        for (text, field) in [
+            ("[migration]\nlisten = \"127.0.0.1:7100\"\n", "migration.agent_name"),
+            (
+                "[migration]\nagent_name = \"a\"\n",
+                "migration.cert_dir",
+            ),
+            (
+                "[migration]\nagent_name = \"Bad_Name\"\ncert_dir = \"/c\"\n",
+                "migration.agent_name",
+            ),
+            (
+                "[migration]\nagent_name = \"a\"\ncert_dir = \"/c\"\n[migration.peers]\nb = \"nohost\"\n",
+                "migration.peers",
+            ),
+        ] {
+            match parse(text) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let err = parse("[migration]\nlisten = \"nowhere\"\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { line: 2, .. }), "{err}");
     }
 
     #[test]

@@ -17,8 +17,11 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 use novacron_proto::agent::v1::agent_service_server::AgentServiceServer;
 
+use std::sync::Arc;
+
 use crate::config::AgentConfig;
 use crate::manager::{ManagerConfig, ManagerError, VmManager, DEFAULT_START_TIMEOUT};
+use crate::migration::MigrationContext;
 use crate::service::AgentServiceImpl;
 
 /// Why the daemon could not run.
@@ -42,6 +45,9 @@ pub enum DaemonError {
     /// The VM manager could not load the state directory.
     #[error(transparent)]
     Manager(#[from] ManagerError),
+    /// The migration identity or listener could not be set up.
+    #[error("{0}")]
+    Migration(String),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -123,14 +129,34 @@ pub async fn serve(
     let vmm_binary = cfg
         .vmm_program()
         .map_err(io("finding the running executable for vmm_binary"))?;
+    let migration = MigrationContext::load(&cfg.migration)
+        .map_err(DaemonError::Migration)?
+        .map(Arc::new);
+    // Bind the migration listener before loading VMs, so that a port in use fails the
+    // start before anything is touched.
+    let endpoint =
+        match (&migration, cfg.migration.listen) {
+            (Some(ctx), Some(addr)) => Some(ctx.bind(addr).await.map_err(|e| {
+                DaemonError::Migration(format!("migration: listening on {addr}: {e}"))
+            })?),
+            _ => None,
+        };
     let mgr = VmManager::open(ManagerConfig {
         state_dir: cfg.state_dir.clone(),
         vmm_binary,
         console_log_max_bytes: cfg.console_log_max_bytes,
         stop_timeout_ms: cfg.stop_timeout_ms,
         start_timeout: DEFAULT_START_TIMEOUT,
+        max_memory_mib: cfg.max_memory_mib,
+        migration: migration.clone(),
     })
     .await?;
+    if let Some(ctx) = &migration {
+        info!(agent = %ctx.agent_name, listen = ?cfg.migration.listen, peers = ctx.peers.len(), "live migration configured");
+    }
+    if let Some(endpoint) = endpoint.clone() {
+        tokio::spawn(crate::migration::serve(mgr.clone(), endpoint));
+    }
     info!(
         vms = mgr.list().len(),
         state_dir = %cfg.state_dir.display(),
@@ -163,6 +189,9 @@ pub async fn serve(
         }
     };
     let _ = std::fs::remove_file(&cfg.socket);
+    if let Some(endpoint) = endpoint {
+        endpoint.close(0u32.into(), b"agent shutting down");
+    }
     info!("stopped serving; VMs keep running");
     result.map_err(DaemonError::from)
 }

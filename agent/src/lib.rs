@@ -3,6 +3,8 @@
 //! * [`config`]: the agent's TOML configuration.
 //! * [`manager`]: the core — VMs, their VMM processes and their state on disk.
 //! * [`service`]: the gRPC adapter (`novacron.agent.v1.AgentService`).
+//! * [`migration`]: live migration between agents (the agent-to-agent requests, following
+//!   a VMM's outgoing migration).
 //! * [`daemon`]: serving the API on a unix socket.
 //! * [`testing`]: [`testing::TestAgent`], a real daemon in a temporary directory for tests.
 #![deny(missing_docs)]
@@ -10,6 +12,7 @@
 pub mod config;
 pub mod daemon;
 pub mod manager;
+pub mod migration;
 pub mod service;
 pub mod testing;
 

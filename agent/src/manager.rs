@@ -46,9 +46,14 @@ pub const DEFAULT_VCPUS: u32 = 1;
 /// Default memory when a create request gives 0, in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
 
+/// A VM directory's record of the outgoing migration under way (`to_agent`).
+pub(crate) const MIGRATION_FILE: &str = "migration.json";
+/// How long a prepared incoming VM waits for its migration to connect.
+pub(crate) const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+
 const POLL_PID_INTERVAL: Duration = Duration::from_millis(500);
 const CONSOLE_POLL_INTERVAL: Duration = Duration::from_millis(100);
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 const VMM_LOG_TAIL_BYTES: u64 = 2048;
 
 /// What the manager needs from the agent configuration.
@@ -64,6 +69,10 @@ pub struct ManagerConfig {
     pub stop_timeout_ms: u64,
     /// How long a start waits for the VMM's control socket.
     pub start_timeout: Duration,
+    /// Memory active VMs may have in total, MiB (0 = no limit of the agent's own).
+    pub max_memory_mib: u64,
+    /// Live migration identity and peers (`None`: migration is not configured).
+    pub migration: Option<Arc<crate::migration::MigrationContext>>,
 }
 
 /// Lifecycle state of a VM as the agent reports it.
@@ -82,6 +91,9 @@ pub enum VmState {
     Stopped,
     /// The last run ended in a failure (crash, triple fault, VMM error, VMM lost).
     Failed,
+    /// A VMM waits for (or is receiving) an incoming live migration; the VM becomes
+    /// `running` when the migration commits, and disappears if it is discarded.
+    Incoming,
 }
 
 impl VmState {
@@ -94,12 +106,16 @@ impl VmState {
             VmState::Paused => "paused",
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
+            VmState::Incoming => "incoming",
         }
     }
 
     /// Whether a VMM process exists for the VM.
     pub fn is_active(self) -> bool {
-        matches!(self, VmState::Starting | VmState::Running | VmState::Paused)
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Incoming
+        )
     }
 }
 
@@ -226,6 +242,16 @@ pub enum ManagerError {
         /// The answer.
         answer: String,
     },
+    /// Talking to another agent for a migration failed, or it refused.
+    #[error("{message}")]
+    Peer {
+        /// The other agent.
+        agent: String,
+        /// How it failed.
+        kind: crate::migration::PeerFailure,
+        /// What happened.
+        message: String,
+    },
     /// File-system trouble in the state directory.
     #[error("{context}: {source}")]
     Io {
@@ -237,7 +263,7 @@ pub enum ManagerError {
     },
 }
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ManagerError {
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ManagerError {
     let context = context.into();
     move |source| ManagerError::Io { context, source }
 }
@@ -251,57 +277,61 @@ fn invalid(field: &str, reason: impl Into<String>) -> ManagerError {
 
 /// What the agent persists as `spec.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SpecRecord {
+pub(crate) struct SpecRecord {
     /// The VM as the VMM runs it.
-    vm: VmConfig,
+    pub(crate) vm: VmConfig,
     /// Seconds since the epoch.
-    created_at_unix: i64,
+    pub(crate) created_at_unix: i64,
     /// Nanoseconds since the epoch (orders VMs created within one second).
     #[serde(default)]
-    created_at_unix_ns: u64,
+    pub(crate) created_at_unix_ns: u64,
     /// Kernel is the built-in test guest.
     #[serde(default)]
-    test_guest: bool,
+    pub(crate) test_guest: bool,
     /// What the user last asked for.
     #[serde(default)]
-    desired: Desired,
+    pub(crate) desired: Desired,
+    /// The VM arrived by an incoming migration that has not committed yet: if its VMM
+    /// ends, the VM and its directory are removed.
+    #[serde(default)]
+    pub(crate) incoming: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
-enum Desired {
+pub(crate) enum Desired {
     #[default]
     Stopped,
     Running,
 }
 
 #[derive(Debug, Clone)]
-struct Status {
-    state: VmState,
-    pid: Option<u32>,
-    vcpu_tids: Vec<i32>,
-    exit_reason: Option<String>,
-    exit_detail: String,
+pub(crate) struct Status {
+    pub(crate) state: VmState,
+    pub(crate) pid: Option<u32>,
+    pub(crate) vcpu_tids: Vec<i32>,
+    pub(crate) exit_reason: Option<String>,
+    pub(crate) exit_detail: String,
     /// Bumped at each start, so a monitor of an old run cannot touch a newer one.
-    run: u64,
+    pub(crate) run: u64,
     /// Set when the agent SIGKILLs the VMM on purpose: the outcome to record (and persist
     /// as `exit.json`) since the VMM cannot write one.
-    kill_note: Option<ExitRecord>,
+    pub(crate) kill_note: Option<ExitRecord>,
 }
 
-struct VmEntry {
-    id: String,
-    dir: PathBuf,
-    record: Mutex<SpecRecord>,
-    status: watch::Sender<Status>,
+pub(crate) struct VmEntry {
+    pub(crate) id: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) record: Mutex<SpecRecord>,
+    pub(crate) status: watch::Sender<Status>,
     /// Serialises lifecycle operations on this VM.
-    op: tokio::sync::Mutex<()>,
-    deleted: AtomicBool,
+    pub(crate) op: Arc<tokio::sync::Mutex<()>>,
+    pub(crate) deleted: AtomicBool,
 }
 
 impl VmEntry {
     /// A VM as loaded or created: not running until started or re-attached.
-    fn new(id: String, dir: PathBuf, record: SpecRecord) -> Self {
+    pub(crate) fn new(id: String, dir: PathBuf, record: SpecRecord) -> Self {
         VmEntry {
             id,
             dir,
@@ -315,21 +345,21 @@ impl VmEntry {
                 run: 0,
                 kill_note: None,
             }),
-            op: tokio::sync::Mutex::new(()),
+            op: Arc::new(tokio::sync::Mutex::new(())),
             deleted: AtomicBool::new(false),
         }
     }
 
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.record.lock().unwrap().vm.name.clone()
     }
-    fn control(&self) -> PathBuf {
+    pub(crate) fn control(&self) -> PathBuf {
         self.dir.join("control.sock")
     }
     fn exit_file(&self) -> PathBuf {
         self.dir.join("exit.json")
     }
-    fn snapshot(&self) -> VmInfo {
+    pub(crate) fn snapshot(&self) -> VmInfo {
         let rec = self.record.lock().unwrap().clone();
         let st = self.status.borrow().clone();
         VmInfo {
@@ -352,7 +382,7 @@ impl VmEntry {
             exit_detail: st.exit_detail,
         }
     }
-    fn check_live(&self) -> Result<(), ManagerError> {
+    pub(crate) fn check_live(&self) -> Result<(), ManagerError> {
         if self.deleted.load(Ordering::SeqCst) {
             return Err(ManagerError::NotFound(self.id.clone()));
         }
@@ -373,20 +403,20 @@ impl VmEntry {
     }
 }
 
-struct Inner {
-    cfg: ManagerConfig,
-    vms_dir: PathBuf,
+pub(crate) struct Inner {
+    pub(crate) cfg: ManagerConfig,
+    pub(crate) vms_dir: PathBuf,
     /// In creation order.
-    vms: Mutex<Vec<Arc<VmEntry>>>,
-    create_lock: tokio::sync::Mutex<()>,
+    pub(crate) vms: Mutex<Vec<Arc<VmEntry>>>,
+    pub(crate) create_lock: tokio::sync::Mutex<()>,
     /// Set when the agent shuts down: ends console streams.
-    shutdown: watch::Sender<bool>,
+    pub(crate) shutdown: watch::Sender<bool>,
 }
 
 /// The VMs of this host. Cheap to clone (shared state).
 #[derive(Clone)]
 pub struct VmManager {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for VmManager {
@@ -467,9 +497,49 @@ impl VmManager {
         for (rec, path) in entries {
             let entry = Arc::new(VmEntry::new(rec.vm.id.clone(), path, rec));
             self.recover(&entry).await;
-            self.inner.vms.lock().unwrap().push(entry);
+            if let Some(why) = gone_reason(&entry) {
+                info!(vm = %entry.id, "{why}; removing it");
+                let trash = self.inner.vms_dir.join(format!(".deleting-{}", entry.id));
+                if std::fs::rename(&entry.dir, &trash).is_ok() {
+                    let _ = std::fs::remove_dir_all(&trash);
+                }
+                continue;
+            }
+            self.inner.vms.lock().unwrap().push(entry.clone());
+            self.resume_migration_duties(&entry).await;
         }
         Ok(())
+    }
+
+    /// After loading: watches an incoming VM, and follows an outgoing migration that a
+    /// VMM runs (it went on while the agent was down).
+    async fn resume_migration_duties(&self, entry: &Arc<VmEntry>) {
+        let (state, run) = {
+            let st = entry.status.borrow();
+            (st.state, st.run)
+        };
+        if state == VmState::Incoming {
+            spawn_incoming_watch(self.clone(), entry.clone(), run);
+            return;
+        }
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            let _ = std::fs::remove_file(entry.dir.join(MIGRATION_FILE));
+            return;
+        }
+        if let Ok(Response::Migration { progress: Some(p) }) =
+            control_call(entry.control(), Request::MigrationStatus, CONTROL_TIMEOUT).await
+        {
+            if is_outgoing_active(&p.phase) || p.phase == "in-doubt" {
+                info!(vm = %entry.id, phase = %p.phase, "an outgoing migration is under way; following it");
+                let mgr = self.clone();
+                let entry = entry.clone();
+                tokio::spawn(async move {
+                    crate::migration::follow(mgr, entry, None, None).await;
+                });
+                return;
+            }
+        }
+        let _ = std::fs::remove_file(entry.dir.join(MIGRATION_FILE));
     }
 
     /// Works out the state of a VM loaded from disk; re-attaches to a live VMM.
@@ -498,13 +568,13 @@ impl VmManager {
                     warn!(vm = %entry.id, pid, "VMM is alive but did not answer Info ({other:?}); watching it");
                 }
             }
-            spawn_pid_monitor(entry.clone(), 0, pid);
+            spawn_pid_monitor(self.clone(), entry.clone(), 0, pid);
         } else {
             finalize(entry, 0, None);
         }
     }
 
-    fn lookup(&self, id_or_name: &str) -> Result<Arc<VmEntry>, ManagerError> {
+    pub(crate) fn lookup(&self, id_or_name: &str) -> Result<Arc<VmEntry>, ManagerError> {
         if id_or_name.is_empty() {
             return Err(invalid("id_or_name", "empty; expected a VM id or name"));
         }
@@ -569,6 +639,7 @@ impl VmManager {
                     .unwrap_or(0),
                 test_guest: p.test_guest,
                 desired: Desired::Stopped,
+                incoming: false,
             };
             // Build the directory under a hidden name, then rename it into place: a VM
             // directory either exists complete or not at all.
@@ -590,7 +661,7 @@ impl VmManager {
         if p.start {
             let _op = entry.op.lock().await;
             entry.check_live()?;
-            self.start_locked(&entry).await?;
+            self.start_locked(&entry, false).await?;
         }
         Ok(entry.snapshot())
     }
@@ -659,7 +730,7 @@ impl VmManager {
         })
     }
 
-    fn new_id(&self) -> String {
+    pub(crate) fn new_id(&self) -> String {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         loop {
             let mut h = RandomState::new().build_hasher();
@@ -686,11 +757,42 @@ impl VmManager {
         let entry = self.lookup(id_or_name)?;
         let _op = entry.op.lock().await;
         entry.check_live()?;
-        self.start_locked(&entry).await?;
+        self.start_locked(&entry, false).await?;
         Ok(entry.snapshot())
     }
 
-    async fn start_locked(&self, entry: &Arc<VmEntry>) -> Result<(), ManagerError> {
+    /// Memory of the active VMs other than `except`, MiB.
+    fn active_memory_mib(&self, except: Option<&str>) -> u64 {
+        let vms = self.inner.vms.lock().unwrap().clone();
+        vms.iter()
+            .filter(|e| Some(e.id.as_str()) != except && e.status.borrow().state.is_active())
+            .map(|e| e.record.lock().unwrap().vm.memory_mib)
+            .sum()
+    }
+
+    /// Refuses `memory_mib` more for VM `id` if it would exceed `max_memory_mib`.
+    pub(crate) fn check_memory_budget(&self, id: &str, memory_mib: u64) -> Result<(), String> {
+        let max = self.inner.cfg.max_memory_mib;
+        if max == 0 {
+            return Ok(());
+        }
+        let used = self.active_memory_mib(Some(id));
+        if used + memory_mib > max {
+            return Err(format!(
+                "not enough memory: the VM needs {memory_mib} MiB, this agent can give {} MiB \
+                 now (max_memory_mib {max}, {used} MiB in use)",
+                max.saturating_sub(used)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Starts a VMM for the VM (`incoming`: waiting for a migration instead of booting).
+    pub(crate) async fn start_locked(
+        &self,
+        entry: &Arc<VmEntry>,
+        incoming: bool,
+    ) -> Result<(), ManagerError> {
         let name = entry.name();
         let state = entry.status.borrow().state;
         if state.is_active() {
@@ -703,6 +805,8 @@ impl VmManager {
         vm.validate(None).map_err(
             |novacron_vmm::config::ConfigError::Invalid { field, reason }| invalid(field, reason),
         )?;
+        self.check_memory_budget(&entry.id, vm.memory_mib)
+            .map_err(|reason| ManagerError::WrongState(format!("VM {name}: {reason}")))?;
         let dir = &entry.dir;
         for stale in ["exit.json", "control.sock"] {
             match std::fs::remove_file(dir.join(stale)) {
@@ -731,8 +835,11 @@ impl VmManager {
             .arg("--control")
             .arg(entry.control())
             .arg("--exit-file")
-            .arg(entry.exit_file())
-            .stdin(Stdio::null())
+            .arg(entry.exit_file());
+        if incoming {
+            cmd.arg("--incoming");
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .kill_on_drop(false);
@@ -767,7 +874,7 @@ impl VmManager {
             st.kill_note = None;
         });
         info!(vm = %entry.id, name = %name, pid, "started VMM");
-        spawn_child_monitor(entry.clone(), run, child, log_start);
+        spawn_child_monitor(self.clone(), entry.clone(), run, child, log_start);
 
         // Wait until the control socket answers or the process ends.
         let deadline = Instant::now() + self.inner.cfg.start_timeout;
@@ -831,7 +938,7 @@ impl VmManager {
         Ok(entry.snapshot())
     }
 
-    async fn stop_locked(
+    pub(crate) async fn stop_locked(
         &self,
         entry: &Arc<VmEntry>,
         force: bool,
@@ -962,7 +1069,11 @@ impl VmManager {
         Ok(entry.snapshot())
     }
 
-    async fn expect_ok(&self, entry: &VmEntry, req: Request) -> Result<(), ManagerError> {
+    pub(crate) async fn expect_ok(
+        &self,
+        entry: &VmEntry,
+        req: Request,
+    ) -> Result<(), ManagerError> {
         let name = entry.name();
         match control_call(entry.control(), req, CONTROL_TIMEOUT).await {
             Ok(Response::Ok) => Ok(()),
@@ -1077,6 +1188,113 @@ impl VmManager {
     }
 }
 
+impl VmManager {
+    /// Called by a VMM's monitor once run `run` has ended: a VM that migrated away, or
+    /// whose incoming migration was discarded (or whose incoming VMM died), is removed
+    /// with its directory.
+    pub(crate) fn after_end(&self, entry: &Arc<VmEntry>, run: u64) {
+        if entry.status.borrow().run != run {
+            return;
+        }
+        if let Some(why) = gone_reason(entry) {
+            self.remove_entry(entry, &why);
+        }
+    }
+
+    /// Removes a VM from the list and deletes its directory (idempotent).
+    pub(crate) fn remove_entry(&self, entry: &Arc<VmEntry>, why: &str) {
+        if entry.deleted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.inner
+            .vms
+            .lock()
+            .unwrap()
+            .retain(|e| !Arc::ptr_eq(e, entry));
+        let trash = self.inner.vms_dir.join(format!(".deleting-{}", entry.id));
+        match std::fs::rename(&entry.dir, &trash) {
+            Ok(()) => {
+                if let Err(e) = std::fs::remove_dir_all(&trash) {
+                    warn!("removing {}: {e}", trash.display());
+                }
+            }
+            Err(e) => warn!("removing {}: {e}", entry.dir.display()),
+        }
+        info!(vm = %entry.id, "removed VM: {why}");
+    }
+}
+
+/// Why a VM whose VMM is not active must not stay on this agent, if it must not.
+fn gone_reason(entry: &VmEntry) -> Option<String> {
+    let st = entry.status.borrow().clone();
+    if st.state.is_active() {
+        return None;
+    }
+    match st.exit_reason.as_deref() {
+        Some("migrated") => Some(format!("migrated away ({})", st.exit_detail)),
+        Some("incoming_discarded") => {
+            Some(format!("incoming migration discarded ({})", st.exit_detail))
+        }
+        r if entry.record.lock().unwrap().incoming => Some(format!(
+            "its incoming VMM ended ({}) before the migration committed",
+            r.unwrap_or("never started")
+        )),
+        _ => None,
+    }
+}
+
+/// Whether an outgoing migration in this phase is still running.
+pub(crate) fn is_outgoing_active(phase: &str) -> bool {
+    matches!(
+        phase,
+        "connecting" | "pre-copy" | "switch-over" | "committing"
+    )
+}
+
+/// Polls an incoming VMM's Info until it runs (the migration committed) or ends; cancels a
+/// migration that did not connect within [`PREPARE_TIMEOUT`].
+pub(crate) fn spawn_incoming_watch(_mgr: VmManager, entry: Arc<VmEntry>, run: u64) {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut cancelled = false;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            {
+                let st = entry.status.borrow();
+                if st.run != run || st.state != VmState::Incoming {
+                    return;
+                }
+            }
+            if entry.deleted.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Ok(Response::Info(info)) =
+                control_call(entry.control(), Request::Info, Duration::from_secs(2)).await
+            {
+                if info.id == entry.id {
+                    apply_info(&entry, run, &info);
+                }
+            }
+            if !cancelled && started.elapsed() > PREPARE_TIMEOUT {
+                if let Ok(Response::Migration { progress: Some(p) }) =
+                    control_call(entry.control(), Request::MigrationStatus, CONTROL_TIMEOUT).await
+                {
+                    if p.phase == "listening" {
+                        warn!(vm = %entry.id, "no migration connected within {PREPARE_TIMEOUT:?}; discarding the prepared VM");
+                        let _ = control_call(
+                            entry.control(),
+                            Request::MigrationCancel,
+                            CONTROL_TIMEOUT,
+                        )
+                        .await;
+                        cancelled = true;
+                    }
+                }
+            }
+        }
+    });
+}
+
 fn parse_entry(s: &str) -> Result<EntryProtocol, ManagerError> {
     Ok(match s {
         "" | "auto" => EntryProtocol::Auto,
@@ -1092,7 +1310,7 @@ fn parse_entry(s: &str) -> Result<EntryProtocol, ManagerError> {
     })
 }
 
-fn entry_name(e: EntryProtocol) -> &'static str {
+pub(crate) fn entry_name(e: EntryProtocol) -> &'static str {
     match e {
         EntryProtocol::Auto => "auto",
         EntryProtocol::Linux => "linux",
@@ -1111,7 +1329,7 @@ fn check_absolute(field: &str, p: &Path) -> Result<(), ManagerError> {
     Ok(())
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -1133,7 +1351,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ManagerError> {
     Ok(())
 }
 
-fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), ManagerError> {
+pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), ManagerError> {
     let mut data = serde_json::to_vec_pretty(value).map_err(|e| ManagerError::Io {
         context: format!("serialising {}", path.display()),
         source: std::io::Error::other(e),
@@ -1143,7 +1361,7 @@ fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Manager
 }
 
 /// One request/response on a VMM's control socket, off the async threads.
-async fn control_call(
+pub(crate) async fn control_call(
     socket: PathBuf,
     req: Request,
     timeout: Duration,
@@ -1155,8 +1373,11 @@ async fn control_call(
 
 /// Updates the status from an Info answer if it still belongs to run `run`;
 /// returns whether the VM is now past `starting`.
-fn apply_info(entry: &VmEntry, run: u64, info: &novacron_vmm::control::VmmInfo) -> bool {
+pub(crate) fn apply_info(entry: &VmEntry, run: u64, info: &novacron_vmm::control::VmmInfo) -> bool {
     let mut settled = false;
+    // An incoming VMM is paused while it loads the migrated state; the VM is the agent's
+    // only once it runs (the migration committed).
+    let incoming = entry.record.lock().unwrap().incoming;
     entry.status.send_if_modified(|st| {
         if st.run != run || !st.state.is_active() {
             return false;
@@ -1164,8 +1385,9 @@ fn apply_info(entry: &VmEntry, run: u64, info: &novacron_vmm::control::VmmInfo) 
         st.pid = Some(info.pid);
         st.vcpu_tids = info.vcpu_tids.clone();
         let new = match info.state {
-            RunState::Incoming => VmState::Starting,
+            RunState::Incoming => VmState::Incoming,
             RunState::Running => VmState::Running,
+            RunState::Paused if incoming => VmState::Incoming,
             RunState::Paused => VmState::Paused,
             // About to exit; the monitor records the outcome.
             RunState::Stopped => VmState::Running,
@@ -1174,6 +1396,22 @@ fn apply_info(entry: &VmEntry, run: u64, info: &novacron_vmm::control::VmmInfo) 
         st.state = new;
         true
     });
+    if settled && info.state == RunState::Running {
+        // An incoming migration committed: the VM is an ordinary VM of this agent now.
+        let rec = {
+            let mut rec = entry.record.lock().unwrap();
+            if !rec.incoming {
+                return settled;
+            }
+            rec.incoming = false;
+            rec.desired = Desired::Running;
+            rec.clone()
+        };
+        info!(vm = %entry.id, "incoming migration committed; the VM runs here");
+        if let Err(e) = write_json_atomic(&entry.dir.join("spec.json"), &rec) {
+            warn!(vm = %entry.id, "persisting the migrated VM: {e}");
+        }
+    }
     settled
 }
 
@@ -1290,6 +1528,7 @@ fn log_tail(path: &Path, from: u64) -> String {
 }
 
 fn spawn_child_monitor(
+    mgr: VmManager,
     entry: Arc<VmEntry>,
     run: u64,
     mut child: tokio::process::Child,
@@ -1298,11 +1537,12 @@ fn spawn_child_monitor(
     tokio::spawn(async move {
         let status = child.wait().await.ok();
         finalize_with_log(&entry, run, status, log_start);
+        mgr.after_end(&entry, run);
     });
 }
 
 /// Watches a VMM that is not our child (the agent restarted): polls its pid every 500 ms.
-fn spawn_pid_monitor(entry: Arc<VmEntry>, run: u64, pid: u32) {
+fn spawn_pid_monitor(mgr: VmManager, entry: Arc<VmEntry>, run: u64, pid: u32) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(POLL_PID_INTERVAL).await;
@@ -1314,6 +1554,7 @@ fn spawn_pid_monitor(entry: Arc<VmEntry>, run: u64, pid: u32) {
             }
             if !pid_alive(pid) {
                 finalize(&entry, run, None);
+                mgr.after_end(&entry, run);
                 return;
             }
             if entry.status.borrow().state == VmState::Starting {
@@ -1330,7 +1571,7 @@ fn spawn_pid_monitor(entry: Arc<VmEntry>, run: u64, pid: u32) {
 }
 
 /// Waits until run `run` is no longer active; returns whether it ended in time.
-async fn wait_for_end(entry: &VmEntry, run: u64, timeout: Duration) -> bool {
+pub(crate) async fn wait_for_end(entry: &VmEntry, run: u64, timeout: Duration) -> bool {
     let mut rx = entry.status.subscribe();
     let ended = |st: &Status| st.run != run || !st.state.is_active();
     tokio::time::timeout(timeout, rx.wait_for(ended))
@@ -1340,7 +1581,13 @@ async fn wait_for_end(entry: &VmEntry, run: u64, timeout: Duration) -> bool {
 }
 
 /// SIGKILLs a VMM (recording why) and waits for its monitor to record the end.
-async fn kill_and_wait(entry: &VmEntry, run: u64, pid: u32, note: ExitRecord, timeout: Duration) {
+pub(crate) async fn kill_and_wait(
+    entry: &VmEntry,
+    run: u64,
+    pid: u32,
+    note: ExitRecord,
+    timeout: Duration,
+) {
     entry.status.send_modify(|st| {
         if st.run == run {
             st.kill_note = Some(note);
@@ -1493,6 +1740,8 @@ mod tests {
                 console_log_max_bytes: 1234,
                 stop_timeout_ms: 100,
                 start_timeout: Duration::from_secs(1),
+                max_memory_mib: 0,
+                migration: None,
             }
         }
         async fn open(&self) -> VmManager {

@@ -13,6 +13,7 @@ use novacron_proto::agent::v1 as pb;
 use pb::agent_service_server::AgentService;
 
 use crate::manager::{CreateParams, ManagerError, VmInfo, VmManager};
+use crate::migration::{is_final_phase, MigrateParams, PeerFailure};
 
 /// Maps a manager error to a gRPC status (the only place this happens).
 pub fn status_of(e: ManagerError) -> Status {
@@ -24,6 +25,10 @@ pub fn status_of(e: ManagerError) -> Status {
         ManagerError::WrongState(_) | ManagerError::VmmRefused { .. } => {
             Status::failed_precondition(msg)
         }
+        ManagerError::Peer { kind, .. } => match kind {
+            PeerFailure::Refused | PeerFailure::Certificate => Status::failed_precondition(msg),
+            PeerFailure::Unreachable => Status::unavailable(msg),
+        },
         ManagerError::StartFailed { .. }
         | ManagerError::Vmm { .. }
         | ManagerError::UnexpectedAnswer { .. }
@@ -53,6 +58,27 @@ pub fn vm_to_proto(v: VmInfo) -> pb::Vm {
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
         hugepages: v.hugepages,
+    }
+}
+
+/// Converts a VMM's migration progress to the wire message.
+pub fn progress_to_proto(p: novacron_vmm::migrate::Progress) -> pb::MigrationProgress {
+    pb::MigrationProgress {
+        done: is_final_phase(&p.phase),
+        compression_ratio: p.compression_ratio(),
+        phase: p.phase,
+        round: p.round,
+        pages_left: p.pages_left,
+        dirty_rate: p.dirty_rate,
+        throughput: p.throughput,
+        predicted_downtime_ms: p.predicted_downtime_ms,
+        throttle: u32::from(p.throttle),
+        total_ms: p.total_ms,
+        downtime_ms: p.downtime_ms,
+        wire_bytes: p.wire_bytes,
+        raw_bytes: p.raw_bytes,
+        pages_per_round: p.pages_per_round,
+        error: p.error.unwrap_or_default(),
     }
 }
 
@@ -196,5 +222,39 @@ impl AgentService for AgentServiceImpl {
                 cmd_ack: s.cmd_ack,
             },
         }))
+    }
+
+    type MigrateVmStream =
+        Pin<Box<dyn Stream<Item = Result<pb::MigrationProgress, Status>> + Send + 'static>>;
+
+    async fn migrate_vm(
+        &self,
+        req: Request<pb::MigrateVmRequest>,
+    ) -> Result<Response<Self::MigrateVmStream>, Status> {
+        let r = req.into_inner();
+        let rx = self
+            .mgr
+            .migrate(MigrateParams {
+                id_or_name: r.id_or_name,
+                to_agent: r.to_agent,
+                downtime_limit_ms: r.downtime_limit_ms,
+                time_limit_s: r.time_limit_s,
+                force_at_time_limit: r.force_at_time_limit,
+                streams: r.streams,
+                bandwidth_limit: r.bandwidth_limit,
+                dirty_rate_limit: r.dirty_rate_limit,
+            })
+            .await
+            .map_err(status_of)?;
+        let stream = ReceiverStream::new(rx).map(|p| Ok(progress_to_proto(p)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_migration(&self, req: Request<pb::VmRef>) -> VmResult {
+        vm_reply(
+            self.mgr
+                .cancel_migration(&req.into_inner().id_or_name)
+                .await,
+        )
     }
 }

@@ -102,6 +102,10 @@ pub struct TestAgentOptions {
     pub stop_timeout_ms: Option<u64>,
     /// `console_log_max_bytes` of the config (default 4 MiB).
     pub console_log_max_bytes: Option<u64>,
+    /// `max_memory_mib` of the config (default 0, no limit of the agent's own).
+    pub max_memory_mib: Option<u64>,
+    /// The `[migration]` table (default: none).
+    pub migration: Option<crate::config::MigrationConfig>,
 }
 
 /// A `novacron-agent` daemon with a temporary socket and state directory.
@@ -141,6 +145,12 @@ impl TestAgent {
         }
         if let Some(m) = opts.console_log_max_bytes {
             cfg.console_log_max_bytes = m;
+        }
+        if let Some(m) = opts.max_memory_mib {
+            cfg.max_memory_mib = m;
+        }
+        if let Some(m) = &opts.migration {
+            cfg.migration = m.clone();
         }
         let text = toml::to_string(&cfg).map_err(|e| TestError::Io {
             context: "serialising the test config".into(),

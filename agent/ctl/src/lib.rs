@@ -104,6 +104,126 @@ impl From<pb::Vm> for VmJson {
     }
 }
 
+/// The final statistics of a migration as `--output json` prints them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MigrationJson {
+    /// The VM.
+    pub vm: String,
+    /// The destination agent.
+    pub to_agent: String,
+    /// "completed", "rolled-back", "in-doubt" or "failed".
+    pub phase: String,
+    /// Total time, ms.
+    pub total_ms: f64,
+    /// Downtime, ms (null unless it completed).
+    pub downtime_ms: Option<f64>,
+    /// Bytes of page frames on the wire.
+    pub wire_bytes: u64,
+    /// Bytes of page data before compression.
+    pub raw_bytes: u64,
+    /// raw / wire.
+    pub compression_ratio: f64,
+    /// Pre-copy rounds plus the switch-over.
+    pub rounds: usize,
+    /// Pages sent per round.
+    pub pages_per_round: Vec<u64>,
+    /// Why it failed (null if it did not).
+    pub error: Option<String>,
+}
+
+impl MigrationJson {
+    /// From the last progress message.
+    pub fn new(vm: &str, to_agent: &str, p: &pb::MigrationProgress) -> Self {
+        MigrationJson {
+            vm: vm.into(),
+            to_agent: to_agent.into(),
+            phase: p.phase.clone(),
+            total_ms: p.total_ms,
+            downtime_ms: p.downtime_ms,
+            wire_bytes: p.wire_bytes,
+            raw_bytes: p.raw_bytes,
+            compression_ratio: p.compression_ratio,
+            rounds: p.pages_per_round.len(),
+            pages_per_round: p.pages_per_round.clone(),
+            error: (!p.error.is_empty()).then(|| p.error.clone()),
+        }
+    }
+}
+
+/// Bytes in a human unit (KiB, MiB, GiB).
+pub fn human_bytes(b: f64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = b;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} {}", UNITS[i])
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+/// The one-line progress display of a running migration.
+pub fn migration_progress_line(p: &pb::MigrationProgress) -> String {
+    let mut line = format!(
+        "{:<11} round {:>3}  pages left {:>8}  dirty {:>8.0} pages/s  throughput {:>10}/s  \
+         predicted downtime {:>8.1} ms",
+        p.phase,
+        p.round,
+        p.pages_left,
+        p.dirty_rate,
+        human_bytes(p.throughput),
+        p.predicted_downtime_ms
+    );
+    if p.throttle > 0 {
+        line.push_str(&format!("  throttle {}%", p.throttle));
+    }
+    line
+}
+
+/// Key/value lines with the final statistics of a migration.
+pub fn migration_summary(m: &MigrationJson) -> String {
+    let pages = m
+        .pages_per_round
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut rows = vec![
+        ("VM", m.vm.clone()),
+        ("TO", m.to_agent.clone()),
+        ("RESULT", m.phase.clone()),
+        ("TOTAL_TIME", format!("{:.0} ms", m.total_ms)),
+        (
+            "DOWNTIME",
+            m.downtime_ms
+                .map(|d| format!("{d:.1} ms"))
+                .unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "WIRE_BYTES",
+            format!("{} ({})", human_bytes(m.wire_bytes as f64), m.wire_bytes),
+        ),
+        (
+            "RAW_BYTES",
+            format!("{} ({})", human_bytes(m.raw_bytes as f64), m.raw_bytes),
+        ),
+        ("COMPRESSION", format!("{:.2}x", m.compression_ratio)),
+        ("ROUNDS", m.rounds.to_string()),
+        ("PAGES_PER_ROUND", pages),
+    ];
+    if let Some(e) = &m.error {
+        rows.push(("ERROR", e.clone()));
+    }
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, val)| format!("{k:<w$}  {val}\n"))
+        .collect()
+}
+
 /// Plain aligned columns: a header row, then one row per VM.
 pub fn vm_table(vms: &[pb::Vm]) -> String {
     let header = ["ID", "NAME", "STATE", "VCPUS", "MEMORY", "PID"];
@@ -216,6 +336,49 @@ mod tests {
             pid,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn migration_output() {
+        let p = pb::MigrationProgress {
+            phase: "completed".into(),
+            done: true,
+            total_ms: 1234.4,
+            downtime_ms: Some(12.25),
+            wire_bytes: 3 << 20,
+            raw_bytes: 12 << 20,
+            compression_ratio: 4.0,
+            pages_per_round: vec![3000, 200, 10],
+            ..Default::default()
+        };
+        let m = MigrationJson::new("vm1", "b", &p);
+        let j = serde_json::to_value(&m).unwrap();
+        assert_eq!(j["total_ms"], 1234.4);
+        assert_eq!(j["downtime_ms"], 12.25);
+        assert_eq!(j["rounds"], 3);
+        assert_eq!(j["error"], serde_json::Value::Null);
+        let s = migration_summary(&m);
+        assert!(s.contains("TOTAL_TIME       1234 ms"), "{s}");
+        assert!(
+            s.contains("DOWNTIME         12.2 ms") || s.contains("DOWNTIME         12.3 ms"),
+            "{s}"
+        );
+        assert!(s.contains("WIRE_BYTES       3.0 MiB (3145728)"), "{s}");
+        assert!(s.contains("COMPRESSION      4.00x"), "{s}");
+        assert!(s.contains("PAGES_PER_ROUND  3000, 200, 10"), "{s}");
+        let line = migration_progress_line(&pb::MigrationProgress {
+            phase: "pre-copy".into(),
+            round: 2,
+            pages_left: 512,
+            dirty_rate: 5000.0,
+            throughput: 100.0 * 1024.0 * 1024.0,
+            predicted_downtime_ms: 20.0,
+            ..Default::default()
+        });
+        assert!(line.contains("round   2"), "{line}");
+        assert!(line.contains("pages left      512"), "{line}");
+        assert!(line.contains("100.0 MiB/s"), "{line}");
+        assert!(!line.contains('\n'));
     }
 
     #[test]

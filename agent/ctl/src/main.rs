@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tonic::transport::Channel;
 
-use novacron_ctl::{connect, vm_details, vm_table, VmJson};
+use novacron_ctl::{
+    connect, migration_progress_line, migration_summary, vm_details, vm_table, MigrationJson,
+    VmJson,
+};
 use novacron_proto::agent::v1 as pb;
 use pb::agent_service_client::AgentServiceClient;
 
@@ -151,6 +154,38 @@ enum VmCmd {
     },
     /// Show the test guest's status page.
     GuestStatus {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Live-migrate a running VM to another agent (a name in the agent's
+    /// [migration.peers]). Shows progress on a terminal, then the final statistics.
+    Migrate {
+        /// VM id or name.
+        vm: String,
+        /// The destination agent.
+        #[arg(long, value_name = "AGENT")]
+        to: String,
+        /// Longest acceptable downtime in ms (default 50).
+        #[arg(long, value_name = "N")]
+        downtime_ms: Option<u64>,
+        /// Give up after this many seconds (default 300).
+        #[arg(long, value_name = "N")]
+        time_limit_s: Option<u64>,
+        /// At the time limit, switch over anyway instead of giving up.
+        #[arg(long)]
+        force_at_time_limit: bool,
+        /// Parallel data streams (default 4).
+        #[arg(long, value_name = "N")]
+        streams: Option<u32>,
+        /// Cap on bytes per second on the wire.
+        #[arg(long, value_name = "BYTES")]
+        bandwidth_limit: Option<u64>,
+        /// Cap on the guest's dirty rate during the migration, pages per second.
+        #[arg(long, value_name = "PAGES")]
+        dirty_rate_limit: Option<u64>,
+    },
+    /// Cancel a VM's outgoing migration (honoured until its commit).
+    MigrateCancel {
         /// VM id or name.
         vm: String,
     },
@@ -298,6 +333,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let s = c.get_guest_status(r(vm)).await?.into_inner();
             print_guest_status(out, &s)
         }
+        VmCmd::Migrate {
+            vm,
+            to,
+            downtime_ms,
+            time_limit_s,
+            force_at_time_limit,
+            streams,
+            bandwidth_limit,
+            dirty_rate_limit,
+        } => {
+            let req = pb::MigrateVmRequest {
+                id_or_name: vm.clone(),
+                to_agent: to.clone(),
+                downtime_limit_ms: downtime_ms.unwrap_or(0),
+                time_limit_s: time_limit_s.unwrap_or(0),
+                force_at_time_limit,
+                streams: streams.unwrap_or(0),
+                bandwidth_limit: bandwidth_limit.unwrap_or(0),
+                dirty_rate_limit: dirty_rate_limit.unwrap_or(0),
+            };
+            migrate(out, &vm, &to, c.migrate_vm(req).await?.into_inner()).await
+        }
+        VmCmd::MigrateCancel { vm } => print_vm(out, c.cancel_migration(r(vm)).await?.into_inner()),
         VmCmd::GuestCommand { vm, cmd, arg } => {
             let req = pb::GuestCommandRequest {
                 id_or_name: vm,
@@ -307,6 +365,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_vm(out, c.guest_command(req).await?.into_inner())
         }
     }
+}
+
+/// Follows a migration's progress stream: one line updated in place on a terminal
+/// (stderr), then the final statistics on stdout. Fails unless the migration completed.
+async fn migrate(
+    out: Output,
+    vm: &str,
+    to: &str,
+    mut stream: tonic::Streaming<pb::MigrationProgress>,
+) -> anyhow::Result<()> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last: Option<pb::MigrationProgress> = None;
+    while let Some(p) = stream.message().await? {
+        if tty && !p.done {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K{}", migration_progress_line(&p));
+            let _ = err.flush();
+        }
+        let done = p.done;
+        last = Some(p);
+        if done {
+            break;
+        }
+    }
+    if tty {
+        eprint!("\r\x1b[2K");
+    }
+    let last = last
+        .ok_or_else(|| anyhow::anyhow!("the agent ended the migration stream without a result"))?;
+    if !last.done {
+        anyhow::bail!(
+            "the agent ended the migration stream early (last phase {}); see `novacronctl vm get {vm}`",
+            last.phase
+        );
+    }
+    let stats = MigrationJson::new(vm, to, &last);
+    match out {
+        Output::Table => print!("{}", migration_summary(&stats)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
+    }
+    if last.phase != "completed" {
+        anyhow::bail!(
+            "migration of {vm} to {to} {}: {}",
+            last.phase,
+            if last.error.is_empty() {
+                "no detail"
+            } else {
+                &last.error
+            }
+        );
+    }
+    Ok(())
 }
 
 fn print_vm(out: Output, vm: pb::Vm) -> anyhow::Result<()> {
