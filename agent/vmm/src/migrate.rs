@@ -951,7 +951,11 @@ async fn destination(
                 },
                 DestAction::DrainData => {
                     let expected = sm_expected_total(sm);
-                    tracing::debug!(expected, received = received.load(Ordering::Acquire), "draining data");
+                    tracing::debug!(
+                        expected,
+                        received = received.load(Ordering::Acquire),
+                        "draining data"
+                    );
                     let deadline = Instant::now() + Duration::from_secs(30);
                     loop {
                         let got = received.load(Ordering::Acquire);
@@ -964,7 +968,11 @@ async fn destination(
                         }
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    tracing::debug!(expected, received = received.load(Ordering::Acquire), "all data received");
+                    tracing::debug!(
+                        expected,
+                        received = received.load(Ordering::Acquire),
+                        "all data received"
+                    );
                     queue.extend(sm.data_complete(received.load(Ordering::Acquire)));
                 }
                 DestAction::Resume => {

@@ -49,6 +49,11 @@ pub fn run(args: ProcessArgs) -> i32 {
     };
     tracing::info!(id = %vm.config.id, startup_us = started.elapsed().as_micros() as u64, "VMM running");
     let record = vm.wait_end();
+    if record.reason == ExitReason::Migrated {
+        // Keep answering `migration_status` for a moment, so the agent reads the final
+        // statistics before the control socket goes away.
+        std::thread::sleep(Duration::from_millis(300));
+    }
     // Let requests that are being answered (a stop, say) get their reply out.
     let deadline = Instant::now() + Duration::from_millis(500);
     while IN_FLIGHT.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
@@ -132,7 +137,9 @@ fn start_migration(vm: &Arc<Vm>, req: Request) -> Response {
     let mut current = MIGRATION.lock().unwrap();
     if let Some(h) = current.as_ref() {
         let phase = h.progress.lock().unwrap().phase.clone();
-        if !matches!(phase.as_str(), "rolled-back" | "discarded") {
+        // A completed incoming migration leaves a VM that may migrate on; a completed
+        // outgoing one ends this VMM.
+        if !matches!(phase.as_str(), "rolled-back" | "discarded" | "completed") {
             return Response::Error {
                 message: format!("a migration is already under way (phase {phase})"),
             };

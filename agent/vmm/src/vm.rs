@@ -699,7 +699,8 @@ impl Vm {
             let pages = (slot.size / 4096) as usize;
             let mut entries = vec![0u8; pages * 8];
             let read = pagemap.as_mut().is_some_and(|f| {
-                f.seek(SeekFrom::Start(slot.host / 4096 * 8)).is_ok() && f.read_exact(&mut entries).is_ok()
+                f.seek(SeekFrom::Start(slot.host / 4096 * 8)).is_ok()
+                    && f.read_exact(&mut entries).is_ok()
             });
             if !read {
                 out.extend(all(slot.gpa, slot.size));
