@@ -741,6 +741,17 @@ fn map_memory(size: u64, hugepages: bool) -> Result<GuestMem, VmError> {
                 size,
                 reason: e.to_string(),
             })?;
+        if !hugepages {
+            // Transparent huge pages where the host allows them (as QEMU asks): a guest then
+            // takes one fault per 2 MiB instead of 512, which on hosts with shadow paging is
+            // the difference between ~10k and millions of first writes per second. Advice
+            // only: failure (THP disabled) changes nothing.
+            // SAFETY: the range is exactly the mapping just created and owned by `region`;
+            // MADV_HUGEPAGE does not change its contents or validity.
+            unsafe {
+                libc::madvise(region.as_ptr().cast(), len, libc::MADV_HUGEPAGE);
+            }
+        }
         regions.push(
             GuestRegionMmap::new(region, addr).ok_or_else(|| VmError::Memory {
                 size,
