@@ -43,6 +43,20 @@ impl Record {
     }
 }
 
+impl Record {
+    /// A boolean record (e.g. converged) with an optional reference.
+    pub fn flag(case: &str, metric: &str, value: bool, reference: Option<(&str, bool)>) -> Record {
+        Record {
+            case: case.into(),
+            metric: metric.into(),
+            unit: "bool".into(),
+            value: serde_json::json!(value),
+            reference: reference.map(|r| r.0.to_string()),
+            reference_value: reference.map(|r| serde_json::json!(r.1)),
+        }
+    }
+}
+
 fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
