@@ -9,9 +9,7 @@
 //! The tests take a file-wide lock, so they run one at a time even without
 //! `--test-threads=1`: each boots guests, and the host has few cores.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_agent::testing::{agent_binary, TestAgent, TestAgentOptions};
@@ -20,7 +18,8 @@ use novacron_testguest::abi;
 use novacron_vmm::control::{Client as VmmClient, GuestStatusWire, Request, Response};
 use tonic::Code;
 
-type Client = pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>;
+mod common;
+use common::{guest, run, vm_dirs, vm_ref, wait_pages_above, Client};
 
 /// Generous bound for anything the tests wait for (boots take milliseconds).
 const WAIT: Duration = Duration::from_secs(20);
@@ -31,18 +30,6 @@ const GUEST: &str = "nc.mem=8 nc.rate=4000 nc.log_ms=100";
 
 // ---------------------------------------------------------------------------------------
 // Harness.
-
-/// Runs one test's body on its own runtime, holding the file-wide lock.
-fn run(test: impl Future<Output = ()>) {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-        .block_on(test);
-}
 
 /// Starts a real agent daemon with default options.
 async fn start_agent() -> TestAgent {
@@ -127,12 +114,6 @@ fn guest_vm(name: &str, cmdline: &str, start: bool) -> pb::CreateVmRequest {
     }
 }
 
-fn vm_ref(vm: &str) -> pb::VmRef {
-    pb::VmRef {
-        id_or_name: vm.into(),
-    }
-}
-
 async fn get(c: &mut Client, vm: &str) -> pb::Vm {
     c.get_vm(vm_ref(vm))
         .await
@@ -151,13 +132,6 @@ async fn names(c: &mut Client) -> Vec<String> {
         .collect()
 }
 
-async fn guest(c: &mut Client, vm: &str) -> pb::GuestStatus {
-    c.get_guest_status(vm_ref(vm))
-        .await
-        .unwrap_or_else(|e| panic!("GetGuestStatus {vm}: {e}"))
-        .into_inner()
-}
-
 async fn wait_state(c: &mut Client, vm: &str, state: &str) -> pb::Vm {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -168,23 +142,6 @@ async fn wait_state(c: &mut Client, vm: &str, state: &str) -> pb::Vm {
         assert!(
             Instant::now() < deadline,
             "VM {vm} did not become {state} within {WAIT:?}: {v:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until the guest has registered and written more than `above` pages; returns the
-/// count it reported.
-async fn wait_pages_above(c: &mut Client, vm: &str, above: u64) -> u64 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = guest(c, vm).await;
-        if s.registered && s.pages_written > above {
-            return s.pages_written;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "guest of {vm} did not get past {above} pages within {WAIT:?}: {s:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -226,16 +183,6 @@ async fn wait_pid_gone(pid: u32) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Everything under `<state_dir>/vms`, hidden leftovers included.
-fn vm_dirs(agent: &TestAgent) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(agent.state_dir().join("vms"))
-        .expect("the agent creates state_dir/vms")
-        .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// The whole console log of a VM through StreamConsole (from the start, no follow).
@@ -377,8 +324,8 @@ fn full_lifecycle_over_grpc() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-        let p1 = wait_pages_above(&mut c, "life", 0).await;
-        let p2 = wait_pages_above(&mut c, "life", p1).await;
+        let p1 = wait_pages_above(&mut c, "life", 0, WAIT).await;
+        let p2 = wait_pages_above(&mut c, "life", p1, WAIT).await;
 
         // Pause: the guest's counters freeze.
         let v = c
@@ -406,7 +353,7 @@ fn full_lifecycle_over_grpc() {
             .into_inner();
         assert_eq!(v.state, "running");
         assert_eq!(v.pid, pid);
-        wait_pages_above(&mut c, "life", frozen.pages_written).await;
+        wait_pages_above(&mut c, "life", frozen.pages_written, WAIT).await;
 
         // Graceful stop: the guest is asked to power off, and does.
         let v = c
@@ -458,7 +405,7 @@ fn the_guest_never_stops_while_the_agent_restarts() {
         assert_eq!(vm.state, "running", "{vm:?}");
         let (id, pid) = (vm.id.clone(), vm.pid);
         let mut seen = Monotonic::default();
-        seen.push("agent", wait_pages_above(&mut c, "survivor", 0).await);
+        seen.push("agent", wait_pages_above(&mut c, "survivor", 0, WAIT).await);
 
         for crash in [true, false] {
             let how = if crash { "SIGKILL" } else { "SIGTERM" };
@@ -519,7 +466,10 @@ fn the_guest_never_stops_while_the_agent_restarts() {
             assert_eq!(v.vcpu_tids, vm.vcpu_tids, "after {how}");
             assert!(v.exit_reason.is_empty(), "after {how}: {v:?}");
             let back = seen.push("agent", guest(&mut c, "survivor").await.pages_written);
-            seen.push("agent", wait_pages_above(&mut c, "survivor", back).await);
+            seen.push(
+                "agent",
+                wait_pages_above(&mut c, "survivor", back, WAIT).await,
+            );
         }
 
         // The guest's memory is intact after all that.
@@ -559,7 +509,7 @@ fn the_guest_never_stops_while_the_agent_restarts() {
         let v = c.resume_vm(vm_ref("survivor")).await.expect("ResumeVm");
         assert_eq!(v.into_inner().state, "running");
         let p = seen.push("agent", guest(&mut c, "survivor").await.pages_written);
-        seen.push("agent", wait_pages_above(&mut c, "survivor", p).await);
+        seen.push("agent", wait_pages_above(&mut c, "survivor", p, WAIT).await);
 
         // A VMM the agent did not start (re-attached) stops gracefully too.
         let v = c
@@ -590,7 +540,7 @@ fn a_killed_vmm_fails_its_vm_and_the_agent_keeps_serving() {
             .await
             .expect("CreateVm")
             .into_inner();
-        wait_pages_above(&mut c, "victim", 0).await;
+        wait_pages_above(&mut c, "victim", 0, WAIT).await;
         assert_eq!(agent.vmm_pids(), vec![vm.pid]);
 
         agent.kill_vmms();
@@ -630,7 +580,7 @@ fn a_killed_vmm_fails_its_vm_and_the_agent_keeps_serving() {
         assert_eq!(v.state, "running", "{v:?}");
         assert!(v.exit_reason.is_empty());
         assert_ne!(v.pid, vm.pid);
-        wait_pages_above(&mut c, "victim", 0).await;
+        wait_pages_above(&mut c, "victim", 0, WAIT).await;
         c.delete_vm(pb::DeleteVmRequest {
             id_or_name: "victim".into(),
             force: true,
@@ -701,7 +651,7 @@ fn a_guest_that_powers_off_while_the_agent_is_down_is_stopped_after_restart() {
                 .await
                 .expect("CreateVm")
                 .into_inner();
-            wait_pages_above(&mut c, name, 0).await;
+            wait_pages_above(&mut c, name, 0, WAIT).await;
             vms.push(v);
         }
         drop(c);

@@ -13,9 +13,7 @@
 //! file-wide lock: each boots guests, and the host has few cores.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use novacron_agent::config::MigrationConfig;
@@ -25,7 +23,8 @@ use novacron_proto::agent::v1 as pb;
 use novacron_testguest::abi;
 use tonic::Code;
 
-type Client = pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>;
+mod common;
+use common::{guest, run, vm_dirs, vm_ref, wait_pages_above, Client};
 
 /// Generous bound for anything the tests wait for.
 const WAIT: Duration = Duration::from_secs(30);
@@ -36,17 +35,6 @@ const GUEST: &str = "nc.mem=8 nc.rate=5000";
 
 // ---------------------------------------------------------------------------------------
 // Harness.
-
-fn run(test: impl Future<Output = ()>) {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-        .block_on(test);
-}
 
 /// A binary next to this test executable (`target/<profile>/<name>`).
 fn sibling_binary(name: &str) -> Option<PathBuf> {
@@ -183,40 +171,12 @@ impl Cluster {
     }
 }
 
-fn vm_ref(vm: &str) -> pb::VmRef {
-    pb::VmRef {
-        id_or_name: vm.into(),
-    }
-}
-
 async fn list(c: &mut Client) -> Vec<pb::Vm> {
     c.list_vms(pb::ListVmsRequest {})
         .await
         .expect("ListVms")
         .into_inner()
         .vms
-}
-
-async fn guest(c: &mut Client, vm: &str) -> pb::GuestStatus {
-    c.get_guest_status(vm_ref(vm))
-        .await
-        .unwrap_or_else(|e| panic!("GetGuestStatus {vm}: {e}"))
-        .into_inner()
-}
-
-async fn wait_pages_above(c: &mut Client, vm: &str, above: u64) -> u64 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = guest(c, vm).await;
-        if s.registered && s.pages_written > above {
-            return s.pages_written;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "guest of {vm} did not get past {above} pages within {WAIT:?}: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Creates and starts a test-guest VM and waits for its guest to write.
@@ -235,7 +195,7 @@ async fn start_guest_vm(c: &mut Client, name: &str, cmdline: &str) -> pb::Vm {
         .unwrap_or_else(|e| panic!("CreateVm {name}: {e}"))
         .into_inner();
     assert_eq!(vm.state, "running", "{vm:?}");
-    wait_pages_above(c, name, 500).await;
+    wait_pages_above(c, name, 500, WAIT).await;
     vm
 }
 
@@ -262,16 +222,6 @@ async fn verify_memory(c: &mut Client, vm: &str) -> pb::GuestStatus {
         assert!(Instant::now() < deadline, "no verification of {vm}: {s:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Everything under `<state_dir>/vms`, hidden leftovers included.
-fn vm_dirs(agent: &TestAgent) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(agent.state_dir().join("vms"))
-        .expect("the agent creates state_dir/vms")
-        .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// Asserts that VM `name` is listed (running) on exactly one of `agents`, has exactly one
@@ -381,7 +331,7 @@ async fn migrate_and_check(
     assert_eq!(on_dst.id, id);
     assert!(on_dst.pid != 0);
     // The guest goes on from where it was.
-    let after = wait_pages_above(&mut dc, vm, before.pages_written + 500).await;
+    let after = wait_pages_above(&mut dc, vm, before.pages_written + 500, WAIT).await;
     assert!(after > before.pages_written);
     verify_memory(&mut dc, vm).await;
     assert_runs_once(&[src, dst], vm).await;
@@ -490,7 +440,7 @@ fn a_destination_that_cannot_take_the_vm_refuses_and_nothing_moves() {
         assert!(list(&mut bc).await.is_empty());
         assert!(vm_dirs(&b).is_empty(), "{:?}", vm_dirs(&b));
         assert!(b.vmm_pids().is_empty());
-        wait_pages_above(&mut ac, "big", before.pages_written + 500).await;
+        wait_pages_above(&mut ac, "big", before.pages_written + 500, WAIT).await;
         verify_memory(&mut ac, "big").await;
         assert_runs_once(&[("a", &a), ("b", &b)], "big").await;
 
@@ -619,8 +569,8 @@ fn the_source_agent_killed_mid_migration_leaves_the_vm_running_once() {
         let agents = [("a", &a), ("b", &b)];
         eprintln!("after the restart the VM runs on {}", agents[holder].0);
         let mut hc = agents[holder].1.client().await.unwrap();
-        let p = wait_pages_above(&mut hc, "survivor", 0).await;
-        wait_pages_above(&mut hc, "survivor", p + 500).await;
+        let p = wait_pages_above(&mut hc, "survivor", 0, WAIT).await;
+        wait_pages_above(&mut hc, "survivor", p + 500, WAIT).await;
         verify_memory(&mut hc, "survivor").await;
         assert_eq!(assert_runs_once(&agents, "survivor").await, holder);
     });
