@@ -19,6 +19,7 @@
 //! | 7 | `Complete` | `u32 rounds, u64 pages_total` |
 //! | 8, 9, 10 | `Ready`, `Commit`, `Resumed` | empty |
 //! | 11 | `Abort` | the whole payload is the reason (UTF-8) |
+//! | 12 | `RoundAck` | `u32 round, u64 pages` (pages applied so far, all rounds) |
 //!
 //! A page batch is `u32 round, u32 count`, then per page `u64 index, u8 kind` (0 = zero page,
 //! 1 = its [`PAGE_SIZE`] bytes follow inline, 2 = its bytes are inside the batch's LZ4 block),
@@ -148,6 +149,8 @@ pub enum FrameType {
     Resumed = 10,
     /// [`Frame::Abort`].
     Abort = 11,
+    /// [`Frame::RoundAck`].
+    RoundAck = 12,
 }
 
 impl TryFrom<u8> for FrameType {
@@ -166,6 +169,7 @@ impl TryFrom<u8> for FrameType {
             9 => FrameType::Commit,
             10 => FrameType::Resumed,
             11 => FrameType::Abort,
+            12 => FrameType::RoundAck,
             frame_type => return Err(FrameError::UnknownType { frame_type }),
         })
     }
@@ -226,6 +230,13 @@ pub enum Frame {
         /// Pages sent in that round.
         pages: u64,
     },
+    /// D → S: the destination has applied `pages` pages in all, through round `round`.
+    RoundAck {
+        /// The round acknowledged.
+        round: u32,
+        /// Pages applied so far, all rounds.
+        pages: u64,
+    },
     /// S → D: the device state (opaque here).
     DeviceState {
         /// The encoded state.
@@ -273,6 +284,11 @@ impl fmt::Debug for Frame {
             }
             Frame::Reject { reason } => f.debug_struct("Reject").field("reason", reason).finish(),
             Frame::Pages(batch) => f.debug_tuple("Pages").field(batch).finish(),
+            Frame::RoundAck { round, pages } => f
+                .debug_struct("RoundAck")
+                .field("round", round)
+                .field("pages", pages)
+                .finish(),
             Frame::RoundEnd { round, pages } => f
                 .debug_struct("RoundEnd")
                 .field("round", round)
@@ -307,6 +323,7 @@ impl Frame {
             Frame::Reject { .. } => FrameType::Reject,
             Frame::Pages(_) => FrameType::Pages,
             Frame::RoundEnd { .. } => FrameType::RoundEnd,
+            Frame::RoundAck { .. } => FrameType::RoundAck,
             Frame::DeviceState { .. } => FrameType::DeviceState,
             Frame::Complete { .. } => FrameType::Complete,
             Frame::Ready => FrameType::Ready,
@@ -326,7 +343,7 @@ impl Frame {
             Frame::Welcome { .. } => 1,
             Frame::Reject { reason } | Frame::Abort { reason } => reason.len(),
             Frame::Pages(batch) => batch.wire_bytes(),
-            Frame::RoundEnd { .. } | Frame::Complete { .. } => 4 + 8,
+            Frame::RoundEnd { .. } | Frame::RoundAck { .. } | Frame::Complete { .. } => 4 + 8,
             Frame::DeviceState { bytes } => bytes.len(),
             Frame::Ready | Frame::Commit | Frame::Resumed => 0,
         }
@@ -390,6 +407,7 @@ impl Frame {
             }
             Frame::Pages(batch) => batch.encode_into(out),
             Frame::RoundEnd { round: a, pages: b }
+            | Frame::RoundAck { round: a, pages: b }
             | Frame::Complete {
                 rounds: a,
                 pages_total: b,
@@ -499,6 +517,10 @@ pub fn decode_payload(header: &Header, payload: &[u8]) -> Result<Frame, FrameErr
         },
         FrameType::Pages => Frame::Pages(PageBatch::decode(&mut r)?),
         FrameType::RoundEnd => Frame::RoundEnd {
+            round: r.u32("truncated round")?,
+            pages: r.u64("truncated pages")?,
+        },
+        FrameType::RoundAck => Frame::RoundAck {
             round: r.u32("truncated round")?,
             pages: r.u64("truncated pages")?,
         },
@@ -1042,7 +1064,7 @@ mod tests {
         b[8..12].copy_from_slice(&len.to_le_bytes());
         assert_eq!(decode(&b), Err(FrameError::Oversized { len }));
 
-        for ty in [0u8, 12, 255] {
+        for ty in [0u8, 13, 255] {
             let mut b = good.clone();
             b[5] = ty;
             assert_eq!(decode(&b), Err(FrameError::UnknownType { frame_type: ty }));
@@ -1373,6 +1395,8 @@ mod tests {
                 }),
             (any::<u32>(), any::<u64>())
                 .prop_map(|(round, pages)| Frame::RoundEnd { round, pages }),
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(round, pages)| Frame::RoundAck { round, pages }),
             prop::collection::vec(any::<u8>(), 0..64)
                 .prop_map(|bytes| Frame::DeviceState { bytes }),
             (any::<u32>(), any::<u64>()).prop_map(|(rounds, pages_total)| Frame::Complete {

@@ -61,6 +61,7 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Reject { .. } => "Reject",
         Frame::Pages(_) => "Pages",
         Frame::RoundEnd { .. } => "RoundEnd",
+        Frame::RoundAck { .. } => "RoundAck",
         Frame::DeviceState { .. } => "DeviceState",
         Frame::Complete { .. } => "Complete",
         Frame::Ready => "Ready",
@@ -77,6 +78,14 @@ pub enum SourceAction {
     Send(Frame),
     /// Step 3: switch dirty logging on and start round 0.
     StartPreCopy,
+    /// Step 4: the destination has applied everything through `round` (`pages` in all); the
+    /// round's time, measured until now, is what the link really carried.
+    RoundAcked {
+        /// The round.
+        round: u32,
+        /// Pages applied in all rounds.
+        pages: u64,
+    },
     /// Step 9: roll back: dirty logging off, throttle off, resume the vCPUs if paused.
     Rollback(ProtocolError),
     /// Step 8: the destination runs the VM; release ours (the VMM exits as migrated).
@@ -281,6 +290,11 @@ impl Source {
                 self.state = SourceState::RolledBack;
                 vec![SourceAction::Rollback(ProtocolError::Rejected(reason))]
             }
+            (SourceState::PreCopy, Frame::RoundAck { round, pages }) => {
+                vec![SourceAction::RoundAcked { round, pages }]
+            }
+            // The final round is acknowledged too; by then only Ready matters.
+            (SourceState::AwaitReady, Frame::RoundAck { .. }) => Vec::new(),
             (SourceState::AwaitReady, Frame::Ready) => {
                 self.state = SourceState::Committed;
                 vec![SourceAction::Send(Frame::Commit)]
@@ -339,6 +353,14 @@ pub enum DestAction {
         vcpus: u8,
         /// The token the source presented.
         token: [u8; 16],
+    },
+    /// Step 4: once `total` pages have been applied, send
+    /// `RoundAck { round, pages: applied }`.
+    AckRound {
+        /// The round.
+        round: u32,
+        /// Pages announced through this round.
+        total: u64,
     },
     /// Step 6: wait until every data stream has ended, then call
     /// [`Destination::data_complete`] with the pages received.
@@ -572,7 +594,10 @@ impl Destination {
                 }
                 self.rounds += 1;
                 self.announced += pages;
-                Vec::new()
+                vec![DestAction::AckRound {
+                    round,
+                    total: self.announced,
+                }]
             }
             (DestState::Receiving, Frame::DeviceState { bytes }) => {
                 vec![DestAction::LoadState(bytes)]
@@ -854,6 +879,14 @@ mod tests {
                         self.dst_do(next);
                         continue;
                     }
+                    DestAction::AckRound { round, .. } => {
+                        if !self.link.cut {
+                            self.link.to_source.push_back(Frame::RoundAck {
+                                round: *round,
+                                pages: self.delivered,
+                            });
+                        }
+                    }
                     DestAction::DrainData => {
                         let n = self.delivered;
                         self.dst_log.push(a);
@@ -927,6 +960,15 @@ mod tests {
         s.switch_over(10);
         assert_eq!(s.src.state(), SourceState::Done);
         assert_eq!(s.dst.state(), DestState::Done);
+        // Every pre-copy round was acknowledged with what the destination had applied.
+        assert!(s.src_log.contains(&SourceAction::RoundAcked {
+            round: 0,
+            pages: 1000
+        }));
+        assert!(s.src_log.contains(&SourceAction::RoundAcked {
+            round: 1,
+            pages: 1100
+        }));
         assert_eq!(s.src_log.last(), Some(&SourceAction::Release));
         // The destination resumed only after Commit, and the source released only after Resumed.
         assert!(s.dst_log.contains(&DestAction::Resume));
@@ -1015,6 +1057,19 @@ mod tests {
             let a = s.dst.on_frame(f);
             s.dst_do(a);
         }
+        // The final round's acknowledgement comes first; the source takes no action on it.
+        let ack = s.link.to_source.pop_front().unwrap();
+        assert!(
+            matches!(
+                ack,
+                Frame::RoundAck {
+                    round: 1,
+                    pages: 11
+                }
+            ),
+            "{ack:?}"
+        );
+        assert!(s.src.on_frame(ack).is_empty());
         let ready = s.link.to_source.pop_front().unwrap();
         assert_eq!(ready, Frame::Ready);
         let a = s.src.on_frame(ready);

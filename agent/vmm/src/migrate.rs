@@ -495,7 +495,7 @@ async fn source(
                 SourceAction::Send(f) => send_control(&mut ctl_send, &f).await?,
                 SourceAction::StartPreCopy => start = true,
                 SourceAction::Rollback(e) | SourceAction::InDoubt(e) => return Err(e.into()),
-                SourceAction::Release => {}
+                SourceAction::Release | SourceAction::RoundAcked { .. } => {}
             }
         }
         if start {
@@ -553,12 +553,15 @@ async fn source(
         let wire_before = stats.wire.load(Ordering::Relaxed);
         senders.send_pages(round, &to_send).await?;
         senders.barrier(false).await?;
-        let duration = t.elapsed();
         for a in sm.round_sent(to_send.len() as u64) {
             if let SourceAction::Send(f) = a {
                 send_control(&mut ctl_send, &f).await?;
             }
         }
+        // Step 4: the round ends when the destination has applied it, so its time measures
+        // what the link and the destination really carried, not what a buffer took.
+        wait_round_ack(sm, &mut ctl_recv).await?;
+        let duration = t.elapsed();
         let dirty = vm.take_dirty_pages()?;
         let dirty_rate = dirty.len() as f64 / duration.as_secs_f64().max(1e-6);
         let decision = conv.after_round(RoundStats {
@@ -680,7 +683,30 @@ async fn source(
                     return Ok(());
                 }
                 SourceAction::Rollback(e) | SourceAction::InDoubt(e) => return Err(e.into()),
-                SourceAction::StartPreCopy => {}
+                SourceAction::StartPreCopy | SourceAction::RoundAcked { .. } => {}
+            }
+        }
+    }
+}
+
+/// Reads the control stream until the destination acknowledges the round just sent.
+async fn wait_round_ack(
+    sm: &mut Source,
+    ctl_recv: &mut quinn::RecvStream,
+) -> Result<(), MigrateError> {
+    loop {
+        let f = match recv_control(ctl_recv).await {
+            Ok(f) => f,
+            Err(e) => {
+                sm.connection_lost();
+                return Err(e);
+            }
+        };
+        for a in sm.on_frame(f) {
+            match a {
+                SourceAction::RoundAcked { .. } => return Ok(()),
+                SourceAction::Rollback(e) | SourceAction::InDoubt(e) => return Err(e.into()),
+                _ => {}
             }
         }
     }
@@ -949,6 +975,37 @@ async fn destination(
                     Ok(()) => queue.extend(sm.state_loaded()),
                     Err(e) => queue.extend(sm.abort(&format!("device state: {e}"))),
                 },
+                DestAction::AckRound { round, total } => {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    let mut failed = None;
+                    while received.load(Ordering::Acquire) < total {
+                        if let Ok(e) = err_rx.try_recv() {
+                            failed = Some(e);
+                            break;
+                        }
+                        if Instant::now() > deadline {
+                            failed = Some(format!(
+                                "round {round}: {} of {total} pages arrived within 30 s",
+                                received.load(Ordering::Acquire)
+                            ));
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                    match failed {
+                        Some(e) => queue.extend(sm.abort(&e)),
+                        None => {
+                            send_control(
+                                &mut ctl_send,
+                                &Frame::RoundAck {
+                                    round,
+                                    pages: received.load(Ordering::Acquire),
+                                },
+                            )
+                            .await?
+                        }
+                    }
+                }
                 DestAction::DrainData => {
                     let expected = sm_expected_total(sm);
                     tracing::debug!(
