@@ -879,13 +879,11 @@ mod tests {
                         self.dst_do(next);
                         continue;
                     }
-                    DestAction::AckRound { round, .. } => {
-                        if !self.link.cut {
-                            self.link.to_source.push_back(Frame::RoundAck {
-                                round: *round,
-                                pages: self.delivered,
-                            });
-                        }
+                    DestAction::AckRound { round, .. } if !self.link.cut => {
+                        self.link.to_source.push_back(Frame::RoundAck {
+                            round: *round,
+                            pages: self.delivered,
+                        });
                     }
                     DestAction::DrainData => {
                         let n = self.delivered;
