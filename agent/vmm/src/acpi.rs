@@ -5,15 +5,14 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::arch::GuestMem;
+use crate::arch::layout::{IOAPIC_BASE, LAPIC_BASE};
+use crate::arch::{table_checksum, GuestMem};
 
 /// Where the RSDP goes (inside the BIOS area Linux scans; the memory maps mark it reserved).
 pub const RSDP_START: u64 = 0xe_0000;
 const OEM_ID: &[u8; 6] = b"NOVACR";
 const OEM_TABLE_ID: &[u8; 8] = b"NOVACRON";
 const CREATOR_ID: &[u8; 4] = b"NVCR";
-const LAPIC_BASE: u32 = 0xfee0_0000;
-const IOAPIC_BASE: u32 = 0xfec0_0000;
 
 /// Failure to write the tables.
 #[derive(Debug, thiserror::Error)]
@@ -21,13 +20,6 @@ pub enum AcpiError {
     /// Writing into guest memory failed.
     #[error("writing ACPI tables into guest memory: {0}")]
     Memory(#[source] vm_memory::GuestMemoryError),
-}
-
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |a, b| a.wrapping_add(*b))
-        .wrapping_neg()
 }
 
 /// A system description table: the 36-byte header, then `body`; length and checksum filled.
@@ -43,7 +35,7 @@ fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
     t.extend_from_slice(CREATOR_ID);
     t.extend_from_slice(&1u32.to_le_bytes()); // creator revision
     t.extend_from_slice(body);
-    t[9] = checksum(&t);
+    t[9] = table_checksum(&t);
     t
 }
 
@@ -102,8 +94,8 @@ pub fn build(cpus: u8) -> Vec<(u64, Vec<u8>)> {
     rsdp.extend_from_slice(&xsdt_at.to_le_bytes());
     rsdp.push(0); // extended checksum, below
     rsdp.extend_from_slice(&[0; 3]);
-    rsdp[8] = checksum(&rsdp[..20]);
-    rsdp[32] = checksum(&rsdp);
+    rsdp[8] = table_checksum(&rsdp[..20]);
+    rsdp[32] = table_checksum(&rsdp);
     vec![
         (RSDP_START, rsdp),
         (xsdt_at, xsdt),

@@ -42,6 +42,18 @@ pub mod layout {
     pub const MMIO_GAP_START: u64 = 0xc000_0000;
     /// End of the 32-bit MMIO hole.
     pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+    /// The local APICs' MMIO base.
+    pub const LAPIC_BASE: u32 = 0xfee0_0000;
+    /// The IOAPIC's MMIO base.
+    pub const IOAPIC_BASE: u32 = 0xfec0_0000;
+}
+
+/// The byte that makes `bytes` sum to zero (mod 256): the checksum of ACPI and MP tables.
+pub fn table_checksum(bytes: &[u8]) -> u8 {
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Failure to set up the platform of one vCPU.

@@ -5,14 +5,11 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::arch::{layout, GuestMem};
+use crate::arch::layout::{self, IOAPIC_BASE, LAPIC_BASE};
+use crate::arch::{table_checksum, GuestMem};
 
 /// Where the floating pointer goes; the configuration table follows it.
 pub const MPTABLE_START: u64 = layout::EBDA_START;
-/// The LAPIC's MMIO base.
-const APIC_DEFAULT_PHYS_BASE: u32 = 0xfee0_0000;
-/// The IOAPIC's MMIO base.
-const IO_APIC_DEFAULT_PHYS_BASE: u32 = 0xfec0_0000;
 /// LAPIC version reported per CPU.
 const APIC_VERSION: u8 = 0x14;
 /// ISA IRQs routed through the IOAPIC.
@@ -24,13 +21,6 @@ pub enum MptableError {
     /// Writing into guest memory failed.
     #[error("writing the MP table into guest memory: {0}")]
     Memory(#[source] vm_memory::GuestMemoryError),
-}
-
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |a, b| a.wrapping_add(*b))
-        .wrapping_neg()
 }
 
 /// The floating pointer and configuration table for `cpus` vCPUs (APIC ids 0..cpus), as bytes.
@@ -54,7 +44,7 @@ pub fn build(cpus: u8) -> Vec<u8> {
     count += 1;
     // The IOAPIC.
     entries.extend_from_slice(&[2, ioapic_id, 0x11, 1]);
-    entries.extend_from_slice(&IO_APIC_DEFAULT_PHYS_BASE.to_le_bytes());
+    entries.extend_from_slice(&IOAPIC_BASE.to_le_bytes());
     count += 1;
     // ISA IRQ i -> IOAPIC pin i, bus-default polarity and trigger.
     for irq in 0..ISA_IRQS {
@@ -76,10 +66,10 @@ pub fn build(cpus: u8) -> Vec<u8> {
     table.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
     table.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
     table.extend_from_slice(&count.to_le_bytes());
-    table.extend_from_slice(&APIC_DEFAULT_PHYS_BASE.to_le_bytes());
+    table.extend_from_slice(&LAPIC_BASE.to_le_bytes());
     table.extend_from_slice(&[0u8; 4]); // extended table length, checksum, reserved
     table.extend_from_slice(&entries);
-    table[7] = checksum(&table);
+    table[7] = table_checksum(&table);
 
     let mut fp = Vec::with_capacity(16);
     fp.extend_from_slice(b"_MP_");
@@ -88,7 +78,7 @@ pub fn build(cpus: u8) -> Vec<u8> {
     fp.push(4); // spec revision
     fp.push(0); // checksum, below
     fp.extend_from_slice(&[0u8; 5]);
-    fp[10] = checksum(&fp);
+    fp[10] = table_checksum(&fp);
     fp.extend_from_slice(&table);
     fp
 }
