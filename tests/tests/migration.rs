@@ -34,6 +34,14 @@ impl Cluster {
     }
 }
 
+/// Starts the source VM (agent "alpha"'s side) running `cmdline`.
+fn source(cluster: &Cluster, cmdline: &str) -> RunningVm {
+    RunningVm::start(
+        test_guest_config(cluster.dir.path(), "src", 64, cmdline),
+        false,
+    )
+}
+
 /// Starts an incoming VMM (agent "beta") and returns it, its handle and its address.
 fn destination(
     cluster: &Cluster,
@@ -162,10 +170,7 @@ fn an_unlimited_writer_converges_by_throttling() {
 fn a_wrong_token_is_refused_and_the_vm_keeps_running_on_the_source() {
     require_kvm();
     let cluster = Cluster::new();
-    let src = RunningVm::start(
-        test_guest_config(cluster.dir.path(), "src", 64, "nc.mem=16 nc.rate=5000"),
-        false,
-    );
+    let src = source(&cluster, "nc.mem=16 nc.rate=5000");
     let before = src.wait_status("progress", WAIT, |s| s.pages_written > 1000);
     let (dst, dst_handle, addr) = destination(&cluster, "dst", 64, "", [1; 16]);
     let handle = Arc::new(Handle::default());
@@ -199,10 +204,7 @@ fn a_wrong_token_is_refused_and_the_vm_keeps_running_on_the_source() {
 fn an_unreachable_destination_leaves_the_vm_running() {
     require_kvm();
     let cluster = Cluster::new();
-    let src = RunningVm::start(
-        test_guest_config(cluster.dir.path(), "src", 64, "nc.mem=16 nc.rate=5000"),
-        false,
-    );
+    let src = source(&cluster, "nc.mem=16 nc.rate=5000");
     src.wait_status("progress", WAIT, |s| s.pages_written > 1000);
     // A port nothing listens on.
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -268,10 +270,7 @@ fn a_connection_cut_mid_way_rolls_back() {
     let cluster = Cluster::new();
     let token = [3u8; 16];
     let cmdline = "nc.mem=32 nc.rate=5000 nc.pattern=random";
-    let src = RunningVm::start(
-        test_guest_config(cluster.dir.path(), "src", 64, cmdline),
-        false,
-    );
+    let src = source(&cluster, cmdline);
     src.wait_status("progress", WAIT, |s| s.pages_written > 10_000);
     let (dst, dst_handle, addr) = destination(&cluster, "dst", 64, cmdline, token);
     let relay = novacron_tests::Relay::start(addr);
@@ -308,10 +307,7 @@ fn a_cancelled_migration_rolls_back_and_the_destination_discards() {
     let cluster = Cluster::new();
     let token = [4u8; 16];
     let cmdline = "nc.mem=32 nc.rate=5000";
-    let src = RunningVm::start(
-        test_guest_config(cluster.dir.path(), "src", 64, cmdline),
-        false,
-    );
+    let src = source(&cluster, cmdline);
     src.wait_status("progress", WAIT, |s| s.pages_written > 10_000);
     let (dst, _dh, addr) = destination(&cluster, "dst", 64, cmdline, token);
     let mut params = outgoing(&cluster, addr, token);
@@ -340,10 +336,7 @@ fn a_destination_with_another_agents_certificate_is_refused() {
     require_kvm();
     let cluster = Cluster::new();
     let token = [5u8; 16];
-    let src = RunningVm::start(
-        test_guest_config(cluster.dir.path(), "src", 64, "nc.mem=16 nc.rate=2000"),
-        false,
-    );
+    let src = source(&cluster, "nc.mem=16 nc.rate=2000");
     src.wait_status("progress", WAIT, |s| s.pages_written > 1000);
     let (dst, _dh, addr) = destination(&cluster, "dst", 64, "", token);
     // The source asked for agent "alpha" but the listener presents "beta"'s certificate.
@@ -370,10 +363,7 @@ fn a_destination_process_killed_mid_way_leaves_the_vm_on_the_source() {
     let cluster = Cluster::new();
     let token = [6u8; 16];
     let cmdline = "nc.mem=32 nc.rate=5000 nc.pattern=random";
-    let src = RunningVm::start(
-        test_guest_config(cluster.dir.path(), "src", 64, cmdline),
-        false,
-    );
+    let src = source(&cluster, cmdline);
     src.wait_status("progress", WAIT, |s| s.pages_written > 10_000);
     // The destination is a real VMM process, killed with SIGKILL during pre-copy.
     let dir = cluster.dir.path();
