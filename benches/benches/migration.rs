@@ -18,7 +18,17 @@
 //! (comma-separated case names such as `1GiB-rate20000`) runs a subset. Every migration has a
 //! 120 s time limit; one that has not finished by then is cancelled and recorded as
 //! `converged = false`. The order of the three runs alternates per case so that noise on this
-//! shared machine hits every tool. Not measured here: a shaped link (1 Gbit/s, 20 ms RTT).
+//! shared machine hits every tool.
+//!
+//! Shaped link: the `shaped-*` cases run the same migrations through a user-space relay
+//! (`novacron_benches::relay`, no netem on this kernel) applying the same shaping to both
+//! tools: 1 Gbit/s token bucket (64 KiB bucket) and 10 ms delay each way (20 ms round trip),
+//! a 50 ms queue bound. NovaCron's QUIC datagrams go through a UDP relay (the source's
+//! `OutgoingParams.address` is the relay), QEMU's TCP stream (and multifd channels) through a
+//! TCP relay whose bucket all connections share. `NOVACRON_BENCH_SHAPED`: unset or `1` runs
+//! `shaped-1GiB-idle`, `shaped-1GiB-rate2000`, `shaped-1GiB-rate20000`; `all` adds
+//! `shaped-1GiB-rate100000` and (unless `NOVACRON_BENCH_4GIB=0`) `shaped-4GiB-idle`,
+//! `shaped-4GiB-rate20000`; `0` runs none.
 //! `NOVACRON_BENCH_AGENT=PATH` uses an already built `novacron-agent` instead of building one;
 //! `NOVACRON_BENCH_VERBOSE=1` prints the VMMs' logs after each NovaCron migration.
 
@@ -29,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use novacron_benches::relay::{Shape, TcpRelay, UdpRelay};
 use novacron_benches::{release_binary, report, Record};
 use novacron_migration::certs::ClusterDir;
 use novacron_testguest::abi::CMD_VERIFY;
@@ -135,6 +146,8 @@ struct Case {
     name: String,
     memory_mib: u64,
     rate: u64,
+    /// Through the shaped relay ([`Shape::GBIT_20MS_RTT`]) instead of plain loopback.
+    shaped: bool,
 }
 
 impl Case {
@@ -148,6 +161,17 @@ impl Case {
             name: format!("{}GiB-{load}", memory_mib / 1024),
             memory_mib,
             rate,
+            shaped: false,
+        }
+    }
+
+    /// The same case on the shaped link.
+    fn shaped(memory_mib: u64, rate: u64) -> Case {
+        let plain = Case::new(memory_mib, rate);
+        Case {
+            name: format!("shaped-{}", plain.name),
+            shaped: true,
+            ..plain
         }
     }
 
@@ -399,6 +423,27 @@ fn novacron(agent: &Path, certs: &Path, case: &Case, failures: &mut Vec<String>)
         }
     };
 
+    // The shaped link: the source sends to the relay, which forwards to the destination.
+    let relay = if case.shaped {
+        match UdpRelay::start(address, Shape::GBIT_20MS_RTT) {
+            Ok(r) => {
+                println!(
+                    "  novacron: through the UDP relay {} -> {address} ({})",
+                    r.addr(),
+                    Shape::GBIT_20MS_RTT
+                );
+                Some(r)
+            }
+            Err(e) => {
+                fail(failures, format!("starting the UDP relay: {e}"));
+                return Outcome::failed();
+            }
+        }
+    } else {
+        None
+    };
+    let address = relay.as_ref().map_or(address, UdpRelay::addr);
+
     let t0 = Instant::now();
     match src_ctl.call(&Request::MigrateOut {
         params: OutgoingParams {
@@ -482,6 +527,9 @@ fn novacron(agent: &Path, certs: &Path, case: &Case, failures: &mut Vec<String>)
         exit_total.unwrap_or(f64::NAN)
     };
     let downtime_ms = last.downtime_ms.or(exit_downtime).unwrap_or(f64::NAN);
+    if let Some(r) = &relay {
+        println!("  novacron: relay {}", r.stats());
+    }
     println!(
         "  novacron: phase {phase:?}, total {total_ms:.1} ms, downtime {downtime_ms:.2} ms, \
          wire {:.1} MiB (raw {:.1} MiB, ratio {:.2}), rounds {:?}, throttle {}%",
@@ -756,10 +804,34 @@ fn qemu(case: &Case, tuned: bool, failures: &mut Vec<String>) -> Outcome {
             p["multifd-channels"]
         );
     }
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    // The shaped link: the source connects to the relay, which connects to the destination.
+    let relay = if case.shaped {
+        match TcpRelay::start(([127, 0, 0, 1], port).into(), Shape::GBIT_20MS_RTT) {
+            Ok(r) => {
+                println!(
+                    "  {}: through the TCP relay {} -> 127.0.0.1:{port} ({})",
+                    tool.name(),
+                    r.addr(),
+                    Shape::GBIT_20MS_RTT
+                );
+                Some(r)
+            }
+            Err(e) => {
+                fail(failures, format!("starting the TCP relay: {e}"));
+                return Outcome::failed();
+            }
+        }
+    } else {
+        None
+    };
+    let src_uri = relay
+        .as_ref()
+        .map_or(uri.clone(), |r| format!("tcp:{}", r.addr()));
     if let Err(e) = dq
         .cmd("migrate-incoming", Some(json!({ "uri": uri })))
-        .and_then(|_| sq.cmd("migrate", Some(json!({ "uri": uri }))))
+        .and_then(|_| sq.cmd("migrate", Some(json!({ "uri": src_uri }))))
     {
         fail(failures, e);
         return Outcome::failed();
@@ -852,6 +924,9 @@ fn qemu(case: &Case, tuned: bool, failures: &mut Vec<String>) -> Outcome {
         outcome.wire_mib,
         last["ram"]["dirty-sync-count"],
     );
+    if let Some(r) = &relay {
+        println!("  {}: relay {}", tool.name(), r.stats());
+    }
     let _ = sq.cmd("quit", None);
     let _ = dq.cmd("quit", None);
     src.wait_exit(Duration::from_secs(2));
@@ -915,12 +990,27 @@ fn main() {
     dir.issue("alpha").expect("alpha certificate");
     dir.issue("beta").expect("beta certificate");
 
+    let four_gib = std::env::var("NOVACRON_BENCH_4GIB").as_deref() != Ok("0");
     let mut cases: Vec<Case> = [1, 2000, 20000, 100_000]
         .into_iter()
         .map(|r| Case::new(1024, r))
         .collect();
-    if std::env::var("NOVACRON_BENCH_4GIB").as_deref() != Ok("0") {
+    if four_gib {
         cases.extend([1, 20000].into_iter().map(|r| Case::new(4096, r)));
+    }
+    match std::env::var("NOVACRON_BENCH_SHAPED").as_deref() {
+        Ok("0") => {}
+        Ok("all") => {
+            cases.extend(
+                [1, 2000, 20000, 100_000]
+                    .into_iter()
+                    .map(|r| Case::shaped(1024, r)),
+            );
+            if four_gib {
+                cases.extend([1, 20000].into_iter().map(|r| Case::shaped(4096, r)));
+            }
+        }
+        _ => cases.extend([1, 2000, 20000].into_iter().map(|r| Case::shaped(1024, r))),
     }
     if let Ok(only) = std::env::var("NOVACRON_BENCH_CASES") {
         let only: Vec<&str> = only.split(',').map(str::trim).collect();
@@ -984,9 +1074,13 @@ fn main() {
     }
     all.extend(integrity);
     report("migration", &all);
-    println!(
-        "\nnot measured: the shaped link (1 Gbit/s, 20 ms RTT through a relay); loopback only"
-    );
+    if cases.iter().any(|c| c.shaped) {
+        println!(
+            "\nshaped-* cases: through a user-space relay ({}); QEMU's TCP is split at the \
+             relay, so its slow start does not see the 20 ms",
+            Shape::GBIT_20MS_RTT
+        );
+    }
     if !failures.is_empty() {
         println!("\nFAILURES ({}):", failures.len());
         for f in &failures {

@@ -1,6 +1,8 @@
 //! Shared parts of NovaCron's benchmarks: the record format every bench writes to
 //! `target/novacron-bench/NAME.json`, the printed table, and locating the built binaries.
 
+pub mod relay;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
