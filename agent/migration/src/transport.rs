@@ -234,12 +234,63 @@ pub async fn listen(
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config()));
-    Endpoint::server(cfg, addr).map_err(|source| TransportError::Bind { addr, source })
+    endpoint(addr, Some(cfg))
 }
 
 /// A client-only endpoint bound to `bind` (e.g. `0.0.0.0:0`).
 pub fn client_endpoint(bind: SocketAddr) -> Result<Endpoint, TransportError> {
-    Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })
+    endpoint(bind, None)
+}
+
+/// Socket buffers asked for on migration sockets: a burst of a fast sender must not overflow
+/// the kernel's default (about 208 KB) while the receiving process is busy, because every
+/// datagram lost there shrinks QUIC's congestion window.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+
+/// An endpoint on a socket with [`SOCKET_BUFFER`]-sized buffers (must run inside tokio).
+fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> Result<Endpoint, TransportError> {
+    let bind = |source| TransportError::Bind { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    enlarge_buffers(&socket);
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind)
+}
+
+/// Raises the socket's receive and send buffers to [`SOCKET_BUFFER`]: past the sysctl limits
+/// when privileged (SO_*BUFFORCE), else as far as they allow. Best effort: failure leaves the
+/// defaults.
+fn enlarge_buffers(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size = libc::c_int::try_from(SOCKET_BUFFER).unwrap_or(libc::c_int::MAX);
+    for (forced, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        for option in [forced, plain] {
+            // SAFETY: the fd is a live socket owned by `socket` for the duration of the call;
+            // the option value points at a c_int on the stack with its exact length.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    std::ptr::addr_of!(size).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
+    }
 }
 
 /// Connects from `local` (from [`listen`] or [`client_endpoint`]) to the agent `agent` at
