@@ -10,7 +10,7 @@
 //! `--test-threads=1`: each boots guests, and the host has few cores.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use novacron_agent::testing::{agent_binary, TestAgent, TestAgentOptions};
 use novacron_proto::agent::v1 as pb;
@@ -19,7 +19,7 @@ use novacron_vmm::control::{Client as VmmClient, GuestStatusWire, Request, Respo
 use tonic::Code;
 
 mod common;
-use common::{guest, run, vm_dirs, vm_ref, wait_pages_above, Client};
+use common::{check_fresh, guest, run, vm_dirs, vm_ref, wait_pages_above, Client};
 
 /// Generous bound for anything the tests wait for (boots take milliseconds).
 const WAIT: Duration = Duration::from_secs(20);
@@ -48,58 +48,23 @@ async fn start_agent_with(opts: TestAgentOptions) -> TestAgent {
         )
     });
     if std::env::var_os("NOVACRON_AGENT_BIN").is_none() {
-        check_binary_is_fresh(&bin);
+        check_fresh(
+            &bin,
+            &[
+                "agent/Cargo.toml",
+                "agent/src",
+                "agent/vmm/Cargo.toml",
+                "agent/vmm/src",
+                "agent/guest/Cargo.toml",
+                "agent/guest/build.rs",
+                "agent/guest/src",
+                "proto",
+            ],
+        );
     }
     TestAgent::start_with(opts)
         .await
         .unwrap_or_else(|e| panic!("starting the agent {}: {e}", bin.display()))
-}
-
-/// Fails if a source file of the agent, the VMM, the test guest or the API is newer than
-/// the agent binary (a stale binary would test old code).
-fn check_binary_is_fresh(bin: &Path) {
-    const SOURCE_EXTENSIONS: [&str; 7] = ["rs", "c", "h", "S", "ld", "proto", "toml"];
-    let built = std::fs::metadata(bin)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate is inside the workspace");
-    let mut paths: Vec<PathBuf> = [
-        "agent/Cargo.toml",
-        "agent/src",
-        "agent/vmm/Cargo.toml",
-        "agent/vmm/src",
-        "agent/guest/Cargo.toml",
-        "agent/guest/build.rs",
-        "agent/guest/src",
-        "proto",
-    ]
-    .iter()
-    .map(|p| root.join(p))
-    .collect();
-    while let Some(path) = paths.pop() {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&path) {
-                paths.extend(entries.flatten().map(|e| e.path()));
-            }
-            continue;
-        }
-        let is_source = path
-            .extension()
-            .is_some_and(|e| SOURCE_EXTENSIONS.iter().any(|s| e == *s));
-        if is_source && meta.modified().unwrap_or(SystemTime::UNIX_EPOCH) > built {
-            panic!(
-                "{} is newer than {}: rebuild it with `cargo build -p novacron-agent` \
-                 (`cargo test --workspace` does)",
-                path.display(),
-                bin.display()
-            );
-        }
-    }
 }
 
 fn guest_vm(name: &str, cmdline: &str, start: bool) -> pb::CreateVmRequest {

@@ -13,8 +13,8 @@
 //! file-wide lock: each boots guests, and the host has few cores.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use novacron_agent::config::MigrationConfig;
 use novacron_agent::testing::{agent_binary, TestAgent, TestAgentOptions};
@@ -24,7 +24,7 @@ use novacron_testguest::abi;
 use tonic::Code;
 
 mod common;
-use common::{guest, run, vm_dirs, vm_ref, wait_pages_above, Client};
+use common::{check_fresh, guest, run, vm_dirs, vm_ref, wait_pages_above, Client};
 
 /// Generous bound for anything the tests wait for.
 const WAIT: Duration = Duration::from_secs(30);
@@ -44,40 +44,6 @@ fn sibling_binary(name: &str) -> Option<PathBuf> {
         .take(3)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
-}
-
-/// Fails if a source file under `dirs` is newer than `bin`.
-fn check_fresh(bin: &Path, dirs: &[&str]) {
-    const SOURCE_EXTENSIONS: [&str; 7] = ["rs", "c", "h", "S", "ld", "proto", "toml"];
-    let built = std::fs::metadata(bin)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate is inside the workspace");
-    let mut paths: Vec<PathBuf> = dirs.iter().map(|p| root.join(p)).collect();
-    while let Some(path) = paths.pop() {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&path) {
-                paths.extend(entries.flatten().map(|e| e.path()));
-            }
-            continue;
-        }
-        let is_source = path
-            .extension()
-            .is_some_and(|e| SOURCE_EXTENSIONS.iter().any(|s| e == *s));
-        if is_source && meta.modified().unwrap_or(SystemTime::UNIX_EPOCH) > built {
-            panic!(
-                "{} is newer than {}: rebuild with `cargo build -p novacron-agent -p \
-                 novacron-ctl` (`cargo test --workspace` does)",
-                path.display(),
-                bin.display()
-            );
-        }
-    }
 }
 
 fn require_agent_binary() -> PathBuf {

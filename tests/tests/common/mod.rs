@@ -2,8 +2,9 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use novacron_agent::testing::TestAgent;
 use novacron_proto::agent::v1 as pb;
@@ -64,4 +65,39 @@ pub fn vm_dirs(agent: &TestAgent) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// Fails if a source file under `dirs` (relative to the workspace) is newer than the binary
+/// `bin`: a stale binary would test old code.
+pub fn check_fresh(bin: &Path, dirs: &[&str]) {
+    const SOURCE_EXTENSIONS: [&str; 7] = ["rs", "c", "h", "S", "ld", "proto", "toml"];
+    let built = std::fs::metadata(bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is inside the workspace");
+    let mut paths: Vec<PathBuf> = dirs.iter().map(|p| root.join(p)).collect();
+    while let Some(path) = paths.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                paths.extend(entries.flatten().map(|e| e.path()));
+            }
+            continue;
+        }
+        let is_source = path
+            .extension()
+            .is_some_and(|e| SOURCE_EXTENSIONS.iter().any(|s| e == *s));
+        if is_source && meta.modified().unwrap_or(SystemTime::UNIX_EPOCH) > built {
+            panic!(
+                "{} is newer than {}: rebuild with `cargo build -p novacron-agent -p \
+                 novacron-ctl` (`cargo test --workspace` does)",
+                path.display(),
+                bin.display()
+            );
+        }
+    }
 }
