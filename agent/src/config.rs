@@ -53,6 +53,10 @@ max_memory_mib = 0
 # The cluster directory made by `novacron-agent certs init` / `certs issue` (ca.pem and
 # this agent's certificate and key).
 # cert_dir = "/etc/novacron/cluster"
+# How VMs started here track the pages their guests dirty, fixed when a VM starts:
+# "log" (KVM_GET_DIRTY_LOG), "manual-protect" (plus KVM_CLEAR_DIRTY_LOG) or "ring" (the
+# per-vCPU dirty ring, which also enforces a migration's dirty-rate limit precisely).
+# dirty_tracking = "log"
 
 # Other agents' migration listeners by name ("host:port"); `novacronctl vm migrate VM
 # --to NAME` picks one.
@@ -97,6 +101,8 @@ pub struct MigrationConfig {
     pub cert_dir: Option<PathBuf>,
     /// Other agents' migration listeners: name → "host:port".
     pub peers: BTreeMap<String, String>,
+    /// How VMs started by this agent track dirty pages: `log`, `manual-protect` or `ring`.
+    pub dirty_tracking: novacron_vmm::config::DirtyTracking,
 }
 
 impl MigrationConfig {

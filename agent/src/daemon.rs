@@ -148,6 +148,7 @@ pub async fn serve(
         stop_timeout_ms: cfg.stop_timeout_ms,
         start_timeout: DEFAULT_START_TIMEOUT,
         max_memory_mib: cfg.max_memory_mib,
+        dirty_tracking: cfg.migration.dirty_tracking,
         migration: migration.clone(),
     })
     .await?;

@@ -71,6 +71,8 @@ pub struct ManagerConfig {
     pub start_timeout: Duration,
     /// Memory active VMs may have in total, MiB (0 = no limit of the agent's own).
     pub max_memory_mib: u64,
+    /// Dirty-page tracking of the VMs this agent starts.
+    pub dirty_tracking: novacron_vmm::config::DirtyTracking,
     /// Live migration identity and peers (`None`: migration is not configured).
     pub migration: Option<Arc<crate::migration::MigrationContext>>,
 }
@@ -727,6 +729,8 @@ impl VmManager {
             console_log: PathBuf::new(),
             debugcon_log: PathBuf::new(),
             console_log_max_bytes: self.inner.cfg.console_log_max_bytes,
+            dirty_tracking: self.inner.cfg.dirty_tracking,
+            dirty_ring_entries: 0,
         })
     }
 
@@ -1741,6 +1745,7 @@ mod tests {
                 stop_timeout_ms: 100,
                 start_timeout: Duration::from_secs(1),
                 max_memory_mib: 0,
+                dirty_tracking: Default::default(),
                 migration: None,
             }
         }

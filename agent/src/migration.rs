@@ -314,6 +314,8 @@ impl VmManager {
                 console_log: dir.join("console.log"),
                 debugcon_log: dir.join("debugcon.log"),
                 console_log_max_bytes: self.inner.cfg.console_log_max_bytes,
+                dirty_tracking: self.inner.cfg.dirty_tracking,
+                dirty_ring_entries: 0,
             };
             vm.validate(novacron_vmm::config::host_available_mib())
                 .map_err(|e| e.to_string())?;

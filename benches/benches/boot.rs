@@ -109,6 +109,8 @@ fn novacron(
         console_log: dir.path().join("console.log"),
         debugcon_log: dir.path().join("debugcon.log"),
         console_log_max_bytes: 0,
+        dirty_tracking: Default::default(),
+        dirty_ring_entries: 0,
     };
     let cfg_path = dir.path().join("vm.json");
     std::fs::write(&cfg_path, serde_json::to_vec(&config).unwrap()).unwrap();

@@ -371,6 +371,8 @@ fn novacron(agent: &Path, certs: &Path, case: &Case, failures: &mut Vec<String>)
         console_log: d.join("console.log"),
         debugcon_log: d.join("debugcon.log"),
         console_log_max_bytes: 0,
+        dirty_tracking: Default::default(),
+        dirty_ring_entries: 0,
     };
     let (src_cfg, dst_cfg) = (config(&src_dir), config(&dst_dir));
     let fail = |failures: &mut Vec<String>, msg: String| {

@@ -42,6 +42,8 @@ pub fn test_guest_config(dir: &Path, name: &str, memory_mib: u64, cmdline: &str)
         console_log: dir.join(format!("{name}.console.log")),
         debugcon_log: dir.join(format!("{name}.debugcon.log")),
         console_log_max_bytes: 0,
+        dirty_tracking: Default::default(),
+        dirty_ring_entries: 0,
     }
 }
 

@@ -40,6 +40,8 @@ fn linux_config(dir: &std::path::Path, cmdline: &str) -> VmConfig {
         console_log: dir.join("console.log"),
         debugcon_log: dir.join("debugcon.log"),
         console_log_max_bytes: 0,
+        dirty_tracking: Default::default(),
+        dirty_ring_entries: 0,
     }
 }
 

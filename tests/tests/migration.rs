@@ -9,6 +9,7 @@ use std::time::Duration;
 use novacron_migration::certs::ClusterDir;
 use novacron_testguest::abi;
 use novacron_tests::{host_checksum, require_kvm, test_guest_config, RunningVm};
+use novacron_vmm::config::DirtyTracking;
 use novacron_vmm::control::{ExitReason, RunState};
 use novacron_vmm::migrate::{self, Handle, IncomingParams, OutgoingParams};
 
@@ -89,13 +90,23 @@ fn outgoing(cluster: &Cluster, addr: std::net::SocketAddr, token: [u8; 16]) -> O
 
 /// Migrates a VM running `cmdline` and checks everything that must hold afterwards.
 fn migrate_and_check(cmdline: &str, progress_pages: u64) -> migrate::Progress {
+    migrate_and_check_tracking(cmdline, progress_pages, DirtyTracking::Log, 0)
+}
+
+/// [`migrate_and_check`] with the source tracking dirty pages by `mode`.
+fn migrate_and_check_tracking(
+    cmdline: &str,
+    progress_pages: u64,
+    mode: DirtyTracking,
+    ring_entries: u32,
+) -> migrate::Progress {
     require_kvm();
     let cluster = Cluster::new();
     let token = [42u8; 16];
-    let src = RunningVm::start(
-        test_guest_config(cluster.dir.path(), "src", 64, cmdline),
-        false,
-    );
+    let mut config = test_guest_config(cluster.dir.path(), "src", 64, cmdline);
+    config.dirty_tracking = mode;
+    config.dirty_ring_entries = ring_entries;
+    let src = RunningVm::start(config, false);
     let before = src.wait_status("progress on the source", WAIT, |s| {
         s.pages_written > progress_pages
     });
@@ -158,6 +169,39 @@ fn a_busy_guest_migrates_with_sequential_writes() {
 #[test]
 fn a_busy_guest_migrates_with_random_writes() {
     migrate_and_check("nc.mem=32 nc.rate=20000 nc.pattern=random", 20_000);
+}
+
+#[test]
+fn a_busy_guest_migrates_with_the_dirty_ring() {
+    // A small ring, so that the vCPU stops to harvest it many times per round: no page may
+    // be missed between a vCPU's harvest and the round's.
+    migrate_and_check_tracking(
+        "nc.mem=32 nc.rate=20000 nc.pattern=random",
+        20_000,
+        DirtyTracking::Ring,
+        256,
+    );
+}
+
+#[test]
+fn a_busy_guest_migrates_with_manual_protect() {
+    migrate_and_check_tracking(
+        "nc.mem=32 nc.rate=20000 nc.pattern=seq",
+        20_000,
+        DirtyTracking::ManualProtect,
+        0,
+    );
+}
+
+#[test]
+fn an_unlimited_writer_converges_on_the_dirty_ring() {
+    let p = migrate_and_check_tracking(
+        "nc.mem=32 nc.rate=0 nc.pattern=hot nc.hot=4096",
+        20_000,
+        DirtyTracking::Ring,
+        0,
+    );
+    assert!(p.pages_per_round.len() >= 2, "{p:?}");
 }
 
 #[test]

@@ -8,6 +8,7 @@ use novacron_testguest::abi;
 use novacron_tests::{
     host_checksum, require_kvm, test_guest_config, wait_file_contains, RunningVm,
 };
+use novacron_vmm::config::DirtyTracking;
 use novacron_vmm::control::ExitReason;
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -189,19 +190,19 @@ fn corrupted_state_is_refused_and_changes_nothing() {
     dst.shutdown();
 }
 
-#[test]
-fn dirty_log_counts_guest_and_vmm_writes() {
+/// Dirty tracking with `mode` counts the guest's writes and the VMM's own, and nothing else.
+fn dirty_tracking_counts_guest_and_vmm_writes(mode: DirtyTracking, ring_entries: u32) {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
-    let vm = RunningVm::start(
-        test_guest_config(
-            dir.path(),
-            "dirty",
-            64,
-            "nc.mem=16 nc.rate=0 nc.pattern=hot nc.hot=64",
-        ),
-        false,
+    let mut config = test_guest_config(
+        dir.path(),
+        "dirty",
+        64,
+        "nc.mem=16 nc.rate=0 nc.pattern=hot nc.hot=64",
     );
+    config.dirty_tracking = mode;
+    config.dirty_ring_entries = ring_entries;
+    let vm = RunningVm::start(config, false);
     vm.wait_status("progress", BOOT, |s| s.pages_written > 1000);
     assert!(
         vm.vm.fetch_dirty().is_err(),
@@ -226,6 +227,67 @@ fn dirty_log_counts_guest_and_vmm_writes() {
         1,
         "the VMM's write into the status page is tracked"
     );
+    vm.shutdown();
+}
+
+#[test]
+fn dirty_log_counts_guest_and_vmm_writes() {
+    dirty_tracking_counts_guest_and_vmm_writes(DirtyTracking::Log, 0);
+}
+
+#[test]
+fn manual_protect_dirty_log_counts_guest_and_vmm_writes() {
+    dirty_tracking_counts_guest_and_vmm_writes(DirtyTracking::ManualProtect, 0);
+}
+
+#[test]
+fn dirty_ring_counts_guest_and_vmm_writes() {
+    // A small ring, so that it fills many times between harvests.
+    dirty_tracking_counts_guest_and_vmm_writes(DirtyTracking::Ring, 256);
+}
+
+#[test]
+fn a_dirty_ring_holds_the_guest_to_its_dirty_rate_limit() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_guest_config(
+        dir.path(),
+        "limit",
+        64,
+        "nc.mem=32 nc.rate=0 nc.pattern=seq",
+    );
+    config.dirty_tracking = DirtyTracking::Ring;
+    config.dirty_ring_entries = 256;
+    let vm = RunningVm::start(config, false);
+    vm.wait_status("progress", BOOT, |s| s.pages_written > 1000);
+    vm.vm.set_dirty_log(true).unwrap();
+    assert!(vm.vm.set_dirty_rate_limit(2000));
+    // Let the limit take hold (the first ring-full exit starts the budget), then measure.
+    std::thread::sleep(Duration::from_millis(300));
+    let a = vm.vm.guest_status().unwrap().unwrap();
+    let t = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let b = vm.vm.guest_status().unwrap().unwrap();
+    let rate = (b.pages_written - a.pages_written) as f64 / t.elapsed().as_secs_f64();
+    // An unlimited sequential writer dirties well over 10x this here; the limit allows 2,000
+    // pages/s plus at most one ring of slack.
+    assert!(
+        rate < 2000.0 * 1.5 + 256.0,
+        "guest wrote {rate:.0} pages/s under a 2,000 limit"
+    );
+    assert!(
+        vm.vm
+            .dirty_stats()
+            .ring_full_exits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    // Turning tracking off lifts the limit.
+    vm.vm.set_dirty_log(false).unwrap();
+    let c = vm.vm.guest_status().unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let d = vm.vm.guest_status().unwrap().unwrap();
+    assert!(d.pages_written - c.pages_written > 2000, "{c:?} {d:?}");
     vm.shutdown();
 }
 

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+pub use crate::dirty::DirtyTracking;
 use serde::{Deserialize, Serialize};
 
 /// Largest vCPU count a VMM accepts (the LAPIC ids of the MP layout fit in a byte).
@@ -61,6 +62,13 @@ pub struct VmConfig {
     /// Rotate the console log when it grows past this many bytes (0 = never).
     #[serde(default = "default_console_max")]
     pub console_log_max_bytes: u64,
+    /// How the guest's dirty pages are tracked during a migration.
+    #[serde(default)]
+    pub dirty_tracking: DirtyTracking,
+    /// Dirty-ring entries per vCPU with [`DirtyTracking::Ring`] (0 = the default,
+    /// [`crate::dirty::DEFAULT_RING_ENTRIES`]); a power of two.
+    #[serde(default)]
+    pub dirty_ring_entries: u32,
 }
 
 fn default_console_max() -> u64 {
@@ -189,6 +197,8 @@ mod tests {
             console_log: "/tmp/c".into(),
             debugcon_log: "/tmp/d".into(),
             console_log_max_bytes: 0,
+            dirty_tracking: Default::default(),
+            dirty_ring_entries: 0,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod dirty;
 pub mod migrate;
 pub mod mptable;
 pub mod process;

@@ -526,6 +526,10 @@ async fn source(
     let mut senders = Senders { queues, next: 0 };
     vm.set_dirty_log(true)?;
     vm.take_dirty_pages()?;
+    // The per-VM dirty-rate cap: page-accurate in the vCPU threads with the dirty ring,
+    // otherwise by throttling the vCPUs after each round (below).
+    let ring_limited =
+        params.dirty_rate_limit > 0 && vm.set_dirty_rate_limit(params.dirty_rate_limit);
     *throttle = Some(Throttle::start(vm.clone()));
     let mut conv = Convergence::new(Policy {
         downtime_limit: Duration::from_millis(params.downtime_limit_ms),
@@ -575,7 +579,10 @@ async fn source(
             Decision::Continue { throttle } => throttle,
             _ => conv.throttle(),
         };
-        if params.dirty_rate_limit > 0 && dirty_rate > params.dirty_rate_limit as f64 {
+        if !ring_limited
+            && params.dirty_rate_limit > 0
+            && dirty_rate > params.dirty_rate_limit as f64
+        {
             // The per-VM dirty-rate cap: hold the vCPUs long enough to bring the rate under it.
             let need = (100.0 * (1.0 - params.dirty_rate_limit as f64 / dirty_rate)).ceil() as u8;
             throttle_pct = throttle_pct.max(need.min(99));

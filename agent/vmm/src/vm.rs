@@ -11,7 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, KVM_EXIT_DIRTY_RING_FULL, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::bitmap::AtomicBitmap;
@@ -22,9 +23,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi;
 use crate::arch::{self, GuestMem};
 use crate::boot;
+use crate::config::DirtyTracking;
 use crate::config::VmConfig;
 use crate::control::{ExitReason, ExitRecord, RunState};
 use crate::devices::{agent_ports, Devices, IoOutcome, RotatingLog, SERIAL_IRQ};
+use crate::dirty::{self, DirtyRings, DirtyStats};
 use crate::mptable;
 use crate::state::{self, VcpuState};
 
@@ -89,6 +92,9 @@ pub enum VmError {
     /// Saving or restoring state failed.
     #[error(transparent)]
     State(#[from] state::StateError),
+    /// Dirty-page tracking failed.
+    #[error(transparent)]
+    Dirty(#[from] dirty::DirtyError),
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -132,6 +138,9 @@ pub struct Vm {
     end_cv: Condvar,
     exits: AtomicU64,
     vcpu_threads: Mutex<Vec<(i32, libc::pthread_t)>>,
+    /// The dirty rings, with [`DirtyTracking::Ring`].
+    rings: Option<DirtyRings>,
+    dirty_stats: DirtyStats,
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -168,6 +177,8 @@ impl Vm {
             })
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
         step("irqchip and PIT created");
+        // Before any vCPU exists: KVM refuses the dirty ring afterwards.
+        let ring_entries = dirty::enable(&vm_fd, config.dirty_tracking, config.dirty_ring_entries)?;
 
         let size = config.memory_mib << 20;
         let mem = map_memory(size, config.hugepages)?;
@@ -198,6 +209,13 @@ impl Vm {
             vcpus.push(vcpu);
         }
         step("vCPUs created");
+        let rings = match config.dirty_tracking {
+            DirtyTracking::Ring => {
+                let pages: Vec<u64> = slots.iter().map(|s| s.size / 4096).collect();
+                Some(DirtyRings::new(&vcpus, ring_entries, &pages)?)
+            }
+            _ => None,
+        };
         let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
         if !incoming {
             let rsdp = acpi::write(&mem, config.vcpus)?;
@@ -239,6 +257,8 @@ impl Vm {
             end_cv: Condvar::new(),
             exits: AtomicU64::new(0),
             vcpu_threads: Mutex::new(Vec::new()),
+            rings,
+            dirty_stats: DirtyStats::default(),
         });
         Ok((vm, vcpus))
     }
@@ -334,6 +354,19 @@ impl Vm {
                 VcpuExit::MmioWrite(..) | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {
                     IoOutcome::Continue
                 }
+                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => match &self.rings {
+                    Some(rings) => match rings.ring_full(&self.vm_fd, index, &self.dirty_stats) {
+                        Ok(()) => IoOutcome::Continue,
+                        Err(e) => IoOutcome::End(
+                            ExitReason::InternalError,
+                            format!("vcpu{index}: harvesting its full dirty ring: {e}"),
+                        ),
+                    },
+                    None => IoOutcome::End(
+                        ExitReason::InternalError,
+                        format!("vcpu{index}: dirty ring full without a dirty ring"),
+                    ),
+                },
                 VcpuExit::Hlt => IoOutcome::End(
                     ExitReason::GuestPoweroff,
                     format!("vcpu{index} halted with the in-kernel irqchip off"),
@@ -650,6 +683,11 @@ impl Vm {
             set_slot(&self.vm_fd, slot, enable)?;
         }
         self.dirty_log.store(enable, Ordering::Release);
+        if let (false, Some(rings)) = (enable, &self.rings) {
+            // Nothing harvested now is wanted; leave the rings empty for the next time.
+            rings.take(&self.vm_fd, &self.dirty_stats)?;
+            rings.set_limit(0);
+        }
         Ok(())
     }
 
@@ -663,12 +701,22 @@ impl Vm {
                 what: "dirty logging is off",
             });
         }
+        let mut ring_bits = match &self.rings {
+            Some(rings) => rings.take(&self.vm_fd, &self.dirty_stats)?,
+            None => Vec::new(),
+        };
         let mut pages = Vec::new();
         for (slot, region) in self.slots.iter().zip(self.mem.iter()) {
-            let kvm_bits = self
-                .vm_fd
-                .get_dirty_log(slot.index, slot.size as usize)
-                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            let kvm_bits = match self.config.dirty_tracking {
+                DirtyTracking::Log => self
+                    .vm_fd
+                    .get_dirty_log(slot.index, slot.size as usize)
+                    .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?,
+                DirtyTracking::ManualProtect => {
+                    dirty::get_and_clear(&self.vm_fd, slot.index, slot.size)?
+                }
+                DirtyTracking::Ring => std::mem::take(&mut ring_bits[slot.index as usize]),
+            };
             let mmap: &vm_memory::MmapRegion<AtomicBitmap> = region;
             let vmm_bits = mmap.bitmap();
             let first = slot.gpa / 4096;
@@ -681,6 +729,24 @@ impl Vm {
             vmm_bits.reset_addr_range(0, slot.size as usize);
         }
         Ok(pages)
+    }
+
+    /// Limits how fast the guest may dirty memory, in pages/s (0 = no limit). Only the dirty
+    /// ring can hold a vCPU back page-accurately; returns false (and changes nothing) with
+    /// the other mechanisms, whose callers throttle vCPUs instead.
+    pub fn set_dirty_rate_limit(&self, pages_per_sec: u64) -> bool {
+        match &self.rings {
+            Some(rings) => {
+                rings.set_limit(pages_per_sec);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Counters of the dirty-tracking work so far.
+    pub fn dirty_stats(&self) -> &DirtyStats {
+        &self.dirty_stats
     }
 
     /// Page indices (guest-physical address / 4096) of guest RAM that this process has ever
