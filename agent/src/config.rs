@@ -54,9 +54,10 @@ max_memory_mib = 0
 # this agent's certificate and key).
 # cert_dir = "/etc/novacron/cluster"
 # How VMs started here track the pages their guests dirty, fixed when a VM starts:
-# "log" (KVM_GET_DIRTY_LOG), "manual-protect" (plus KVM_CLEAR_DIRTY_LOG) or "ring" (the
-# per-vCPU dirty ring, which also enforces a migration's dirty-rate limit precisely).
-# dirty_tracking = "log"
+# "ring" (the per-vCPU dirty ring, which also enforces a migration's dirty-rate limit page
+# by page; hosts without it fall back to the log), "log" (KVM_GET_DIRTY_LOG) or
+# "manual-protect" (KVM_GET_DIRTY_LOG plus KVM_CLEAR_DIRTY_LOG).
+# dirty_tracking = "ring"
 
 # Other agents' migration listeners by name ("host:port"); `novacronctl vm migrate VM
 # --to NAME` picks one.

@@ -117,6 +117,7 @@ impl Cluster {
                 .iter()
                 .map(|(name, at)| (name.to_string(), self.addr(at)))
                 .collect(),
+            ..Default::default()
         }
     }
 

@@ -140,6 +140,8 @@ pub struct Vm {
     vcpu_threads: Mutex<Vec<(i32, libc::pthread_t)>>,
     /// The dirty rings, with [`DirtyTracking::Ring`].
     rings: Option<DirtyRings>,
+    /// The dirty-tracking mechanism in effect (the configured one, or the log as fallback).
+    tracking: DirtyTracking,
     dirty_stats: DirtyStats,
 }
 
@@ -178,7 +180,8 @@ impl Vm {
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
         step("irqchip and PIT created");
         // Before any vCPU exists: KVM refuses the dirty ring afterwards.
-        let ring_entries = dirty::enable(&vm_fd, config.dirty_tracking, config.dirty_ring_entries)?;
+        let (tracking, ring_entries) =
+            dirty::enable(&vm_fd, config.dirty_tracking, config.dirty_ring_entries)?;
 
         let size = config.memory_mib << 20;
         let mem = map_memory(size, config.hugepages)?;
@@ -209,7 +212,7 @@ impl Vm {
             vcpus.push(vcpu);
         }
         step("vCPUs created");
-        let rings = match config.dirty_tracking {
+        let rings = match tracking {
             DirtyTracking::Ring => {
                 let pages: Vec<u64> = slots.iter().map(|s| s.size / 4096).collect();
                 Some(DirtyRings::new(&vcpus, ring_entries, &pages)?)
@@ -258,6 +261,7 @@ impl Vm {
             exits: AtomicU64::new(0),
             vcpu_threads: Mutex::new(Vec::new()),
             rings,
+            tracking,
             dirty_stats: DirtyStats::default(),
         });
         Ok((vm, vcpus))
@@ -707,7 +711,7 @@ impl Vm {
         };
         let mut pages = Vec::new();
         for (slot, region) in self.slots.iter().zip(self.mem.iter()) {
-            let kvm_bits = match self.config.dirty_tracking {
+            let kvm_bits = match self.tracking {
                 DirtyTracking::Log => self
                     .vm_fd
                     .get_dirty_log(slot.index, slot.size as usize)
@@ -718,15 +722,23 @@ impl Vm {
                 DirtyTracking::Ring => std::mem::take(&mut ring_bits[slot.index as usize]),
             };
             let mmap: &vm_memory::MmapRegion<AtomicBitmap> = region;
-            let vmm_bits = mmap.bitmap();
+            // Word by word (64 pages at a time) and only the set bits: the cost follows the
+            // dirty pages, not the memory size, which matters most for the final harvest
+            // inside the downtime.
+            let vmm_bits = mmap.bitmap().get_and_reset();
             let first = slot.gpa / 4096;
-            for page in 0..(slot.size / 4096) as usize {
-                let kvm_dirty = (kvm_bits[page / 64] >> (page % 64)) & 1 == 1;
-                if kvm_dirty || vmm_bits.is_bit_set(page) {
-                    pages.push(first + page as u64);
+            let slot_pages = slot.size / 4096;
+            for (w, (&k, &v)) in kvm_bits.iter().zip(vmm_bits.iter()).enumerate() {
+                let mut word = k | v;
+                while word != 0 {
+                    let bit = u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    let page = w as u64 * 64 + bit;
+                    if page < slot_pages {
+                        pages.push(first + page);
+                    }
                 }
             }
-            vmm_bits.reset_addr_range(0, slot.size as usize);
         }
         Ok(pages)
     }
@@ -742,6 +754,11 @@ impl Vm {
             }
             None => false,
         }
+    }
+
+    /// The dirty-tracking mechanism in effect.
+    pub fn dirty_tracking(&self) -> DirtyTracking {
+        self.tracking
     }
 
     /// Counters of the dirty-tracking work so far.
