@@ -33,6 +33,8 @@ use crate::vm::Vm;
 
 /// Pages per batch frame (256 KiB of page data).
 const BATCH_PAGES: usize = 64;
+/// How long a finished source waits for its connection close to leave.
+const CLOSE_GRACE: Duration = Duration::from_millis(20);
 
 /// Failure of a migration (the VM is rolled back to run on the source).
 #[derive(Debug, thiserror::Error)]
@@ -213,15 +215,27 @@ impl Throttle {
             .name("throttle".into())
             .spawn(move || {
                 const SLICE: Duration = Duration::from_millis(10);
+                // Parked, not slept: `stop` unparks the thread so that a switch-over never
+                // waits out a slice.
+                let wait = |d: Duration| {
+                    let until = Instant::now() + d;
+                    while !s.load(Ordering::Acquire) {
+                        let now = Instant::now();
+                        if now >= until {
+                            break;
+                        }
+                        std::thread::park_timeout(until - now);
+                    }
+                };
                 while !s.load(Ordering::Acquire) {
                     let pct = u32::from(p.load(Ordering::Acquire).min(99));
                     if pct == 0 || vm.pause().is_err() {
-                        std::thread::sleep(SLICE);
+                        wait(SLICE);
                         continue;
                     }
-                    std::thread::sleep(SLICE * pct / 100);
+                    wait(SLICE * pct / 100);
                     let _ = vm.resume();
-                    std::thread::sleep(SLICE * (100 - pct) / 100);
+                    wait(SLICE * (100 - pct) / 100);
                 }
             })
             .expect("throttle thread starts");
@@ -240,6 +254,7 @@ impl Throttle {
     fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -422,17 +437,15 @@ pub fn migrate_out(vm: Arc<Vm>, params: OutgoingParams, handle: Arc<Handle>) {
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     match result {
         Ok(()) => {
-            handle.set(|p| {
-                p.phase = "completed".into();
-                p.total_ms = total_ms;
-            });
+            // total_ms was taken when the destination confirmed (step 8).
+            handle.set(|p| p.phase = "completed".into());
             let p = handle.progress.lock().unwrap().clone();
             vm.finish(
                 ExitReason::Migrated,
                 format!(
                     "migrated to {} in {:.0} ms, downtime {:.1} ms, {} rounds",
                     params.dest_agent,
-                    total_ms,
+                    p.total_ms,
                     p.downtime_ms.unwrap_or(0.0),
                     p.pages_per_round.len()
                 ),
@@ -466,9 +479,16 @@ async fn source(
     throttle: &mut Option<Throttle>,
     started: Instant,
 ) -> Result<(), MigrateError> {
+    let step = |what: &str| {
+        tracing::debug!(
+            us = started.elapsed().as_micros() as u64,
+            "outgoing: {what}"
+        )
+    };
     let certs = ClusterDir::new(&params.cert_dir);
     let id = certs.load_identity(&params.agent)?;
     let ca = certs.load_ca()?;
+    step("identity loaded");
     let bind: SocketAddr = if params.address.is_ipv6() {
         "[::]:0".parse().expect("valid")
     } else {
@@ -480,6 +500,7 @@ async fn source(
         .open_bi()
         .await
         .map_err(transport::TransportError::from)?;
+    step("connected");
 
     // Steps 1-2.
     let mut pending = sm.start(
@@ -524,6 +545,7 @@ async fn source(
         queues.push(tx);
     }
     let mut senders = Senders { queues, next: 0 };
+    step("accepted; data streams open");
     vm.set_dirty_log(true)?;
     vm.take_dirty_pages()?;
     // The per-VM dirty-rate cap: page-accurate in the vCPU threads with the dirty ring,
@@ -547,6 +569,7 @@ async fn source(
     // Round 0: every page this process ever backed. Pages never touched are zero here and on
     // the destination; any write from now on is in the dirty log, enabled above.
     let mut to_send = vm.backed_pages();
+    step("round 0 begins");
     let mut round = 0u32;
     let dirty = loop {
         if handle.cancel.load(Ordering::Acquire) {
@@ -682,11 +705,18 @@ async fn source(
                     }
                 }
                 SourceAction::Release => {
+                    // The migration is complete here: the guest runs on the destination.
                     let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
-                    handle.set(|p| p.downtime_ms = Some(downtime));
+                    let total = started.elapsed().as_secs_f64() * 1e3;
+                    handle.set(|p| {
+                        p.downtime_ms = Some(downtime);
+                        p.total_ms = total;
+                    });
                     let _ = ctl_send.finish();
                     conn.close(0u32.into(), b"done");
-                    endpoint.wait_idle().await;
+                    // Long enough for the close to leave, not for the whole draining
+                    // period (three probe timeouts), which the destination does not need.
+                    let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
                     return Ok(());
                 }
                 SourceAction::Rollback(e) | SourceAction::InDoubt(e) => return Err(e.into()),
