@@ -23,7 +23,13 @@ impl VmSource for ManagerSource {
             for vm in self.0.list() {
                 let running = matches!(vm.state, VmState::Running | VmState::Paused);
                 let vmm_exits = if running && vm.pid.is_some() {
-                    let control = self.0.config().state_dir.join("vms").join(&vm.id).join("control.sock");
+                    let control = self
+                        .0
+                        .config()
+                        .state_dir
+                        .join("vms")
+                        .join(&vm.id)
+                        .join("control.sock");
                     match control_call(control, Request::Info, INFO_TIMEOUT).await {
                         Ok(Response::Info(info)) if info.id == vm.id => Some(info.exits),
                         _ => None,
@@ -34,7 +40,11 @@ impl VmSource for ManagerSource {
                 out.push(VmTarget {
                     state: vm.state.as_str(),
                     pid: if vm.state.is_active() { vm.pid } else { None },
-                    vcpu_tids: if vm.state.is_active() { vm.vcpu_tids } else { Vec::new() },
+                    vcpu_tids: if vm.state.is_active() {
+                        vm.vcpu_tids
+                    } else {
+                        Vec::new()
+                    },
                     id: vm.id,
                     name: vm.name,
                     vmm_exits,

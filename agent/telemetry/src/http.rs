@@ -48,7 +48,13 @@ async fn handle(
             break i;
         }
         if buf.len() > 16 * 1024 {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", "request head over 16 KiB\n").await;
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request head over 16 KiB\n",
+            )
+            .await;
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]);
@@ -70,13 +76,32 @@ async fn handle(
             }
         }
         ("GET", _) => {
-            respond(&mut stream, "404 Not Found", "text/plain", &format!("no {path:?} here; metrics are at /metrics\n")).await
+            respond(
+                &mut stream,
+                "404 Not Found",
+                "text/plain",
+                &format!("no {path:?} here; metrics are at /metrics\n"),
+            )
+            .await
         }
-        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "only GET /metrics is served\n").await,
+        _ => {
+            respond(
+                &mut stream,
+                "405 Method Not Allowed",
+                "text/plain",
+                "only GET /metrics is served\n",
+            )
+            .await
+        }
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()

@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use probes::{ExitSource, KernelStats, ProgramStats, Probes};
+use probes::{ExitSource, KernelStats, Probes, ProgramStats};
 use procfs::{HostStats, ThreadSched};
 use series::SeriesStore;
 
@@ -176,9 +176,18 @@ impl VmSample {
         if self.target.pid.is_none() {
             return m;
         }
-        m.insert("vcpu_cpu_seconds_total".into(), self.sched.cpu_ns as f64 / 1e9);
-        m.insert("vcpu_runqueue_wait_seconds_total".into(), self.sched.wait_ns as f64 / 1e9);
-        m.insert("vcpu_involuntary_switches_total".into(), self.sched.involuntary as f64);
+        m.insert(
+            "vcpu_cpu_seconds_total".into(),
+            self.sched.cpu_ns as f64 / 1e9,
+        );
+        m.insert(
+            "vcpu_runqueue_wait_seconds_total".into(),
+            self.sched.wait_ns as f64 / 1e9,
+        );
+        m.insert(
+            "vcpu_involuntary_switches_total".into(),
+            self.sched.involuntary as f64,
+        );
         if let Some(r) = self.rss_bytes {
             m.insert("memory_resident_bytes".into(), r as f64);
         }
@@ -186,10 +195,16 @@ impl VmSample {
             m.insert("vmm_page_faults_total".into(), (mi + ma) as f64);
         }
         if let Some(k) = &self.kernel {
-            m.insert("exits_total".into(), k.exit_reasons.iter().sum::<u64>() as f64);
+            m.insert(
+                "exits_total".into(),
+                k.exit_reasons.iter().sum::<u64>() as f64,
+            );
             for (code, n) in k.exit_reasons.iter().enumerate() {
                 if *n > 0 {
-                    m.insert(format!("exits_total.{}", layout::exit_reason_name(code)), *n as f64);
+                    m.insert(
+                        format!("exits_total.{}", layout::exit_reason_name(code)),
+                        *n as f64,
+                    );
                 }
             }
             for (name, idx) in [
@@ -207,12 +222,27 @@ impl VmSample {
             ] {
                 m.insert(name.into(), k.counter(idx) as f64);
             }
-            m.insert("vcpu_oncpu_seconds_total".into(), k.counter(c::ONCPU_NS) as f64 / 1e9);
-            m.insert("halted_seconds_total".into(), k.counter(c::HALT_WAIT_NS) as f64 / 1e9);
-            m.insert("vcpu_runqueue_latency_seconds_count".into(), k.runq_hist.iter().sum::<u64>() as f64);
-            m.insert("vcpu_runqueue_latency_seconds_sum".into(), k.runq_sum_ns as f64 / 1e9);
+            m.insert(
+                "vcpu_oncpu_seconds_total".into(),
+                k.counter(c::ONCPU_NS) as f64 / 1e9,
+            );
+            m.insert(
+                "halted_seconds_total".into(),
+                k.counter(c::HALT_WAIT_NS) as f64 / 1e9,
+            );
+            m.insert(
+                "vcpu_runqueue_latency_seconds_count".into(),
+                k.runq_hist.iter().sum::<u64>() as f64,
+            );
+            m.insert(
+                "vcpu_runqueue_latency_seconds_sum".into(),
+                k.runq_sum_ns as f64 / 1e9,
+            );
             for (class, n) in &self.preemptions {
-                m.insert(format!("vcpu_preemptions_total.{}", class.as_str()), *n as f64);
+                m.insert(
+                    format!("vcpu_preemptions_total.{}", class.as_str()),
+                    *n as f64,
+                );
             }
         }
         m
@@ -381,10 +411,12 @@ impl Telemetry {
                 addr: cfg.listen,
                 source,
             })?;
-        let local_addr = listener.local_addr().map_err(|source| TelemetryError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| TelemetryError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
         let mut sampler = Sampler {
             shared: shared.clone(),
             probes: probes.map(Mutex::new),
@@ -484,7 +516,8 @@ impl Sampler {
             if self.slots.contains_key(id) || tids.is_empty() {
                 continue;
             }
-            let used: std::collections::HashSet<u32> = self.slots.values().map(|s| s.slot).collect();
+            let used: std::collections::HashSet<u32> =
+                self.slots.values().map(|s| s.slot).collect();
             let Some(slot) = (0..layout::MAX_VMS).find(|s| !used.contains(s)) else {
                 warn!(vm = %id, "telemetry: more than {} VMs; not watching this one", layout::MAX_VMS);
                 continue;
@@ -527,8 +560,11 @@ impl Sampler {
                     snap.map_update_failures = failed;
                     snap.events_dropped = dropped;
                 }
-                let vm_pids: HashMap<u32, &str> =
-                    self.slots.iter().map(|(id, s)| (s.pid, id.as_str())).collect();
+                let vm_pids: HashMap<u32, &str> = self
+                    .slots
+                    .iter()
+                    .map(|(id, s)| (s.pid, id.as_str()))
+                    .collect();
                 let by_slot = probes.preemptors();
                 for (id, s) in &self.slots {
                     match probes.read_slot(s.slot) {
@@ -627,9 +663,24 @@ impl Sampler {
                 continue;
             }
             let id = &v.target.id;
-            store.push(id, "vcpu_cpu_ratio", ts, rate(v.sched.cpu_ns, p.sched.cpu_ns) / 1e9);
-            store.push(id, "vcpu_runqueue_wait_ratio", ts, rate(v.sched.wait_ns, p.sched.wait_ns) / 1e9);
-            store.push(id, "vcpu_involuntary_switches_per_second", ts, rate(v.sched.involuntary, p.sched.involuntary));
+            store.push(
+                id,
+                "vcpu_cpu_ratio",
+                ts,
+                rate(v.sched.cpu_ns, p.sched.cpu_ns) / 1e9,
+            );
+            store.push(
+                id,
+                "vcpu_runqueue_wait_ratio",
+                ts,
+                rate(v.sched.wait_ns, p.sched.wait_ns) / 1e9,
+            );
+            store.push(
+                id,
+                "vcpu_involuntary_switches_per_second",
+                ts,
+                rate(v.sched.involuntary, p.sched.involuntary),
+            );
             if let Some(rss) = v.rss_bytes {
                 store.push(id, "memory_resident_bytes", ts, rss as f64);
             }
@@ -643,8 +694,20 @@ impl Sampler {
                 let exits: u64 = k.exit_reasons.iter().sum();
                 let pexits: u64 = pk.exit_reasons.iter().sum();
                 store.push(id, "exits_per_second", ts, rate(exits, pexits));
-                store.push(id, "pio_per_second", ts, rate(k.counter(layout::counter::PIO), pk.counter(layout::counter::PIO)));
-                let n: u64 = k.runq_hist.iter().sum::<u64>().saturating_sub(pk.runq_hist.iter().sum());
+                store.push(
+                    id,
+                    "pio_per_second",
+                    ts,
+                    rate(
+                        k.counter(layout::counter::PIO),
+                        pk.counter(layout::counter::PIO),
+                    ),
+                );
+                let n: u64 = k
+                    .runq_hist
+                    .iter()
+                    .sum::<u64>()
+                    .saturating_sub(pk.runq_hist.iter().sum());
                 if n > 0 {
                     store.push(
                         id,
@@ -658,11 +721,23 @@ impl Sampler {
                 store.push(id, "preemptions_per_second", ts, rate(pre, ppre));
             }
         }
-        let busy = |h: &HostStats| h.cpu_seconds.iter().sum::<f64>() - h.cpu_seconds[3] - h.cpu_seconds[4];
-        let total = snap.host.cpu_seconds.iter().sum::<f64>() - prev.host.cpu_seconds.iter().sum::<f64>();
+        let busy =
+            |h: &HostStats| h.cpu_seconds.iter().sum::<f64>() - h.cpu_seconds[3] - h.cpu_seconds[4];
+        let total =
+            snap.host.cpu_seconds.iter().sum::<f64>() - prev.host.cpu_seconds.iter().sum::<f64>();
         if total > 0.0 {
-            store.push(series::HOST, "cpu_busy_ratio", ts, (busy(&snap.host) - busy(&prev.host)) / total);
+            store.push(
+                series::HOST,
+                "cpu_busy_ratio",
+                ts,
+                (busy(&snap.host) - busy(&prev.host)) / total,
+            );
         }
-        store.push(series::HOST, "memory_available_bytes", ts, snap.host.mem_available_bytes as f64);
+        store.push(
+            series::HOST,
+            "memory_available_bytes",
+            ts,
+            snap.host.mem_available_bytes as f64,
+        );
     }
 }

@@ -92,19 +92,84 @@ struct ProgSpec {
 }
 
 const PROGRAMS: &[ProgSpec] = &[
-    ProgSpec { name: "nc_userspace_exit", tracepoint: "kvm/kvm_userspace_exit", btf: false, required: true },
-    ProgSpec { name: "nc_pio", tracepoint: "kvm/kvm_pio", btf: false, required: true },
-    ProgSpec { name: "nc_mmio", tracepoint: "kvm/kvm_mmio", btf: false, required: false },
-    ProgSpec { name: "nc_emulate_insn", tracepoint: "kvm/kvm_emulate_insn", btf: false, required: false },
-    ProgSpec { name: "nc_fpu", tracepoint: "kvm/kvm_fpu", btf: false, required: false },
-    ProgSpec { name: "nc_kvm_exit", tracepoint: "kvm/kvm_exit", btf: false, required: false },
-    ProgSpec { name: "nc_page_fault", tracepoint: "kvm/kvm_page_fault", btf: false, required: false },
-    ProgSpec { name: "nc_vcpu_wakeup", tracepoint: "kvm/kvm_vcpu_wakeup", btf: false, required: false },
-    ProgSpec { name: "nc_sched_wakeup", tracepoint: "sched_wakeup", btf: true, required: true },
-    ProgSpec { name: "nc_sched_wakeup_new", tracepoint: "sched_wakeup_new", btf: true, required: true },
-    ProgSpec { name: "nc_sched_switch", tracepoint: "sched_switch", btf: true, required: true },
-    ProgSpec { name: "nc_block_rq_issue", tracepoint: "block_rq_issue", btf: true, required: false },
-    ProgSpec { name: "nc_block_rq_complete", tracepoint: "block_rq_complete", btf: true, required: false },
+    ProgSpec {
+        name: "nc_userspace_exit",
+        tracepoint: "kvm/kvm_userspace_exit",
+        btf: false,
+        required: true,
+    },
+    ProgSpec {
+        name: "nc_pio",
+        tracepoint: "kvm/kvm_pio",
+        btf: false,
+        required: true,
+    },
+    ProgSpec {
+        name: "nc_mmio",
+        tracepoint: "kvm/kvm_mmio",
+        btf: false,
+        required: false,
+    },
+    ProgSpec {
+        name: "nc_emulate_insn",
+        tracepoint: "kvm/kvm_emulate_insn",
+        btf: false,
+        required: false,
+    },
+    ProgSpec {
+        name: "nc_fpu",
+        tracepoint: "kvm/kvm_fpu",
+        btf: false,
+        required: false,
+    },
+    ProgSpec {
+        name: "nc_kvm_exit",
+        tracepoint: "kvm/kvm_exit",
+        btf: false,
+        required: false,
+    },
+    ProgSpec {
+        name: "nc_page_fault",
+        tracepoint: "kvm/kvm_page_fault",
+        btf: false,
+        required: false,
+    },
+    ProgSpec {
+        name: "nc_vcpu_wakeup",
+        tracepoint: "kvm/kvm_vcpu_wakeup",
+        btf: false,
+        required: false,
+    },
+    ProgSpec {
+        name: "nc_sched_wakeup",
+        tracepoint: "sched_wakeup",
+        btf: true,
+        required: true,
+    },
+    ProgSpec {
+        name: "nc_sched_wakeup_new",
+        tracepoint: "sched_wakeup_new",
+        btf: true,
+        required: true,
+    },
+    ProgSpec {
+        name: "nc_sched_switch",
+        tracepoint: "sched_switch",
+        btf: true,
+        required: true,
+    },
+    ProgSpec {
+        name: "nc_block_rq_issue",
+        tracepoint: "block_rq_issue",
+        btf: true,
+        required: false,
+    },
+    ProgSpec {
+        name: "nc_block_rq_complete",
+        tracepoint: "block_rq_complete",
+        btf: true,
+        required: false,
+    },
 ];
 
 /// Run statistics of one program (kernel BPF stats).
@@ -197,7 +262,10 @@ pub fn ensure_tracefs() -> Result<(), std::io::Error> {
     Ok(())
 }
 
-fn take_percpu(ebpf: &mut Ebpf, name: &'static str) -> Result<PerCpuArray<MapData, u64>, ProbeError> {
+fn take_percpu(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<PerCpuArray<MapData, u64>, ProbeError> {
     let map = ebpf.take_map(name).ok_or(ProbeError::Map {
         map: name,
         reason: "missing from the object".into(),
@@ -255,7 +323,8 @@ impl Probes {
                 None
             }
         };
-        let ncpus = aya::util::nr_cpus().map_err(|(what, e)| ProbeError::Load(format!("{what}: {e}")))?;
+        let ncpus =
+            aya::util::nr_cpus().map_err(|(what, e)| ProbeError::Load(format!("{what}: {e}")))?;
         let watched = HashMap::try_from(ebpf.take_map("watched").ok_or(ProbeError::Map {
             map: "watched",
             reason: "missing".into(),
@@ -318,12 +387,26 @@ impl Probes {
     pub fn watch(&mut self, slot: u32, pid: u32, vcpu_tids: &[i32]) -> Result<(), ProbeError> {
         self.clear_slot(slot)?;
         self.watched
-            .insert(pid, Watch { slot, kind: layout::KIND_VMM }, 0)
+            .insert(
+                pid,
+                Watch {
+                    slot,
+                    kind: layout::KIND_VMM,
+                },
+                0,
+            )
             .map_err(map_err("watched"))?;
         for &tid in vcpu_tids {
             let tid = tid as u32;
             self.watched
-                .insert(tid, Watch { slot, kind: layout::KIND_VCPU }, 0)
+                .insert(
+                    tid,
+                    Watch {
+                        slot,
+                        kind: layout::KIND_VCPU,
+                    },
+                    0,
+                )
                 .map_err(map_err("watched"))?;
         }
         Ok(())
@@ -346,7 +429,6 @@ impl Probes {
         }
     }
 
-
     fn clear_slot(&mut self, slot: u32) -> Result<(), ProbeError> {
         let ncpus = self.ncpus;
         for (map, name, per) in [
@@ -358,7 +440,8 @@ impl Probes {
             (&mut self.blk_sum, "blk_sum_ns", 1),
         ] {
             for i in 0..per {
-                map.set(slot * per + i, zeros(ncpus), 0).map_err(map_err(name))?;
+                map.set(slot * per + i, zeros(ncpus), 0)
+                    .map_err(map_err(name))?;
             }
         }
         Ok(())
@@ -388,7 +471,12 @@ impl Probes {
                 slot * layout::EXIT_REASONS,
                 layout::EXIT_REASONS,
             )?,
-            counters: Self::sum_range(&self.counters, "counters", slot * layout::COUNTERS, layout::COUNTERS)?,
+            counters: Self::sum_range(
+                &self.counters,
+                "counters",
+                slot * layout::COUNTERS,
+                layout::COUNTERS,
+            )?,
             runq_hist: Self::sum_range(
                 &self.runq_hist,
                 "runq_hist",
@@ -447,13 +535,20 @@ fn attach(ebpf: &mut Ebpf, spec: &ProgSpec, btf: &Btf) -> Result<(), String> {
         .ok_or_else(|| "not in the object".to_string())?;
     if spec.btf {
         let p: &mut BtfTracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
-        p.load(spec.tracepoint, btf).map_err(|e| format!("load: {e:#}"))?;
+        p.load(spec.tracepoint, btf)
+            .map_err(|e| format!("load: {e:#}"))?;
         p.attach().map_err(|e| format!("attach: {e:#}"))?;
         Ok(())
     } else {
         let (cat, name) = spec.tracepoint.split_once('/').expect("category/name");
-        if !Path::new("/sys/kernel/tracing/events").join(cat).join(name).exists() {
-            return Err(format!("tracepoint {cat}:{name} does not exist on this kernel"));
+        if !Path::new("/sys/kernel/tracing/events")
+            .join(cat)
+            .join(name)
+            .exists()
+        {
+            return Err(format!(
+                "tracepoint {cat}:{name} does not exist on this kernel"
+            ));
         }
         let p: &mut TracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
         p.load().map_err(|e| format!("load: {e:#}"))?;

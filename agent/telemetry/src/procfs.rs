@@ -32,7 +32,10 @@ pub fn vcpu_sched(pid: u32, tids: &[i32]) -> ThreadSched {
         let Ok(s) = std::fs::read_to_string(task(pid, tid, "schedstat")) else {
             continue;
         };
-        let f: Vec<u64> = s.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        let f: Vec<u64> = s
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
         if f.len() < 3 {
             continue;
         }
@@ -130,7 +133,11 @@ pub fn host() -> HostStats {
     if let Ok(text) = std::fs::read_to_string("/proc/meminfo") {
         for line in text.lines() {
             let kib = |l: &str| -> u64 {
-                l.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0) * 1024
+                l.split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+                    * 1024
             };
             if let Some(v) = line.strip_prefix("MemTotal:") {
                 h.mem_total_bytes = kib(v);
@@ -170,7 +177,10 @@ mod tests {
         assert!(rss_bytes(pid).unwrap() > 0);
         assert!(process_faults(pid).is_some());
         let h = host();
-        assert!(h.cpus > 0 && h.mem_total_bytes >= h.mem_available_bytes, "{h:?}");
+        assert!(
+            h.cpus > 0 && h.mem_total_bytes >= h.mem_available_bytes,
+            "{h:?}"
+        );
         assert!(h.cpu_seconds.iter().sum::<f64>() > 0.0);
         assert!(!is_kernel_thread(pid));
         assert!(is_kernel_thread(2), "kthreadd is a kernel thread");
