@@ -595,7 +595,7 @@ impl Sampler {
                                 .collect()
                         })
                         .unwrap_or_default();
-                    list.sort_by(|a, b| b.count.cmp(&a.count));
+                    list.sort_by_key(|p| std::cmp::Reverse(p.count));
                     preempt.insert(id.clone(), list);
                 }
             }

@@ -7,12 +7,15 @@ use std::sync::Mutex;
 /// The scope name of the host's own series.
 pub const HOST: &str = "host";
 
+/// One series' samples, oldest first.
+type Window = VecDeque<(u64, f64)>;
+
 /// Bounded windows of `(unix time ms, value)` samples, keyed by (scope, series); the scope
 /// is a VM id or [`HOST`].
 #[derive(Debug)]
 pub struct SeriesStore {
     cap: usize,
-    inner: Mutex<BTreeMap<(String, String), VecDeque<(u64, f64)>>>,
+    inner: Mutex<BTreeMap<(String, String), Window>>,
 }
 
 impl SeriesStore {
