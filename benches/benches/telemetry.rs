@@ -5,9 +5,11 @@
 //! loaded, attached and watching the VM's vCPU thread, with its maps read every second like
 //! the agent's sampler ("on"), alternate in one run so that noise on this shared machine
 //! hits both. Reported: the guest's page throughput and exit rate (median of the phases,
-//! on against off), and each program's cost per event from the kernel's BPF stats.
+//! on against off), its pages per CPU-second of its vCPU thread (the guest's work per unit
+//! of CPU, which a loaded host's scheduling does not distort), the probes' own CPU share,
+//! and each program's cost per event from the kernel's BPF stats.
 //!
-//! `NOVACRON_BENCH_ROUNDS` (default 5) sets the off/on pairs; `NOVACRON_BENCH_PHASE_MS`
+//! `NOVACRON_BENCH_ROUNDS` (default 6) sets the off/on pairs; `NOVACRON_BENCH_PHASE_MS`
 //! (default 2000) the length of each phase. Needs root and /dev/kvm.
 
 use std::sync::Arc;
@@ -32,6 +34,17 @@ fn env_num(name: &str, default: u64) -> u64 {
 struct Rates {
     pages_per_s: f64,
     exits_per_s: f64,
+    /// Pages per second of CPU time the vCPU thread got: the guest's work per unit of CPU,
+    /// independent of how much CPU the loaded host's scheduler gave it.
+    pages_per_cpu_s: f64,
+}
+
+/// CPU time of thread `tid` of this process, ns (schedstat).
+fn thread_cpu_ns(tid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .expect("the vCPU thread's schedstat")
 }
 
 /// Pages written and exits of the guest over `len`, per second; `during` runs every second.
@@ -43,7 +56,8 @@ fn measure(vm: &Vm, len: Duration, mut during: impl FnMut()) -> Rates {
             .map(|s| s.pages_written)
             .unwrap_or(0)
     };
-    let (p0, e0, t0) = (pages(), vm.exits(), Instant::now());
+    let tid = vm.vcpu_tids()[0];
+    let (p0, e0, c0, t0) = (pages(), vm.exits(), thread_cpu_ns(tid), Instant::now());
     let mut next = t0 + Duration::from_secs(1);
     while t0.elapsed() < len {
         std::thread::sleep(Duration::from_millis(20));
@@ -53,9 +67,12 @@ fn measure(vm: &Vm, len: Duration, mut during: impl FnMut()) -> Rates {
         }
     }
     let dt = t0.elapsed().as_secs_f64();
+    let cpu = (thread_cpu_ns(tid) - c0) as f64 / 1e9;
+    let pages = (pages() - p0) as f64;
     Rates {
-        pages_per_s: (pages() - p0) as f64 / dt,
+        pages_per_s: pages / dt,
         exits_per_s: (vm.exits() - e0) as f64 / dt,
+        pages_per_cpu_s: pages / cpu,
     }
 }
 
@@ -77,7 +94,7 @@ fn main() {
     {
         panic!("the telemetry bench needs read-write /dev/kvm (run as root): {e}");
     }
-    let rounds = env_num("NOVACRON_BENCH_ROUNDS", 5);
+    let rounds = env_num("NOVACRON_BENCH_ROUNDS", 6);
     let phase = Duration::from_millis(env_num("NOVACRON_BENCH_PHASE_MS", 2000));
     let dir = tempfile::tempdir().expect("temp dir");
     let config = VmConfig {
@@ -208,6 +225,28 @@ fn main() {
                 off.iter()
                     .zip(&on)
                     .map(|(a, b)| (1.0 - b.pages_per_s / a.pages_per_s) * 100.0)
+                    .collect(),
+            ),
+            Some(("target", 2.0)),
+        ),
+        Record::num(
+            case,
+            "pages_per_vcpu_cpu_second",
+            "1/s",
+            median(on.iter().map(|r| r.pages_per_cpu_s).collect()),
+            Some((
+                "telemetry off",
+                median(off.iter().map(|r| r.pages_per_cpu_s).collect()),
+            )),
+        ),
+        Record::num(
+            case,
+            "slowdown_per_vcpu_cpu",
+            "%",
+            median(
+                off.iter()
+                    .zip(&on)
+                    .map(|(a, b)| (1.0 - b.pages_per_cpu_s / a.pages_per_cpu_s) * 100.0)
                     .collect(),
             ),
             Some(("target", 2.0)),

@@ -741,3 +741,84 @@ impl Sampler {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_limits_name_the_field() {
+        assert!(TelemetryConfig::default().validate().is_ok());
+        let bad = TelemetryConfig {
+            interval_ms: 5,
+            ..Default::default()
+        };
+        let (field, why) = bad.validate().unwrap_err();
+        assert_eq!(field, "telemetry.interval_ms");
+        assert!(why.contains("expected 10 to 3600000"), "{why}");
+        let bad = TelemetryConfig {
+            window: 0,
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().0, "telemetry.window");
+    }
+
+    #[test]
+    fn a_vm_sample_renders_with_prometheus_names() {
+        let mut k = KernelStats {
+            exit_reasons: vec![0; layout::EXIT_REASONS as usize],
+            counters: vec![0; layout::COUNTERS as usize],
+            runq_hist: vec![0; layout::HIST_BUCKETS as usize],
+            runq_sum_ns: 3_000,
+            blk_hist: vec![0; layout::HIST_BUCKETS as usize],
+            blk_sum_ns: 0,
+        };
+        k.exit_reasons[2] = 7;
+        k.runq_hist[11] = 2; // [2048, 4096) ns
+        k.runq_hist[39] = 1; // the open bucket
+        let snap = Snapshot {
+            ts_ms: 1,
+            ebpf_available: true,
+            exit_source: Some(ExitSource::UserspaceExits),
+            vms: vec![VmSample {
+                target: VmTarget {
+                    id: "abc".into(),
+                    name: "web".into(),
+                    state: "running",
+                    pid: Some(1),
+                    vcpu_tids: vec![1],
+                    vmm_exits: Some(9),
+                },
+                kernel: Some(k),
+                preemptions: PreemptorClass::ALL.iter().map(|c| (*c, 1)).collect(),
+                top_preemptors: vec![],
+                sched: ThreadSched::default(),
+                rss_bytes: Some(4096),
+                faults: Some((1, 0)),
+            }],
+            ..Default::default()
+        };
+        let text = metrics::to_prometheus_text(&metrics::render(&snap));
+        for line in [
+            "novacron_vm_exits_total{vm=\"web\",vm_id=\"abc\",reason=\"io\"} 7.0",
+            "# TYPE novacron_vm_vcpu_runqueue_latency_seconds histogram",
+            "novacron_vm_vcpu_runqueue_latency_seconds_count{vm=\"web\",vm_id=\"abc\"} 3",
+            "novacron_vm_vmm_exits_total{vm=\"web\",vm_id=\"abc\"} 9.0",
+            "novacron_vm_vcpu_preemptions_total{vm=\"web\",vm_id=\"abc\",preemptor=\"other_vm\"} 1.0",
+            "novacron_vm_memory_resident_bytes{vm=\"web\",vm_id=\"abc\"} 4096.0",
+            "novacron_vm_state{vm=\"web\",vm_id=\"abc\",state=\"running\"} 1.0",
+            "novacron_telemetry_ebpf_available 1.0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        // Cumulative buckets: 2 at 4.096 µs, 3 at +Inf.
+        assert!(
+            text.contains("_bucket{le=\"0.000004096\",vm=\"web\",vm_id=\"abc\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("_bucket{le=\"+Inf\",vm=\"web\",vm_id=\"abc\"} 3\n"),
+            "{text}"
+        );
+    }
+}
