@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use novacron_telemetry::{VmSource, VmTarget};
+use novacron_telemetry::{MigrationSample, VmSource, VmTarget};
 use novacron_vmm::control::{Request, Response};
 
 use crate::manager::{control_call, VmManager, VmState};
@@ -22,7 +22,8 @@ impl VmSource for ManagerSource {
             let mut out = Vec::new();
             for vm in self.0.list() {
                 let running = matches!(vm.state, VmState::Running | VmState::Paused);
-                let vmm_exits = if running && vm.pid.is_some() {
+                let (mut vmm_exits, mut migration) = (None, None);
+                if running && vm.pid.is_some() {
                     let control = self
                         .0
                         .config()
@@ -30,13 +31,29 @@ impl VmSource for ManagerSource {
                         .join("vms")
                         .join(&vm.id)
                         .join("control.sock");
-                    match control_call(control, Request::Info, INFO_TIMEOUT).await {
-                        Ok(Response::Info(info)) if info.id == vm.id => Some(info.exits),
-                        _ => None,
+                    if let Ok(Response::Info(info)) =
+                        control_call(control.clone(), Request::Info, INFO_TIMEOUT).await
+                    {
+                        if info.id == vm.id {
+                            vmm_exits = Some(info.exits);
+                            if let Ok(Response::Migration { progress: Some(p) }) =
+                                control_call(control, Request::MigrationStatus, INFO_TIMEOUT).await
+                            {
+                                migration = Some(MigrationSample {
+                                    phase: p.phase,
+                                    round: p.round,
+                                    pages_left: p.pages_left,
+                                    dirty_pages_per_second: p.dirty_rate,
+                                    throughput_bytes_per_second: p.throughput,
+                                    wire_bytes: p.wire_bytes,
+                                    raw_bytes: p.raw_bytes,
+                                    total_seconds: p.total_ms / 1e3,
+                                    downtime_seconds: p.downtime_ms.map(|d| d / 1e3),
+                                });
+                            }
+                        }
                     }
-                } else {
-                    None
-                };
+                }
                 out.push(VmTarget {
                     state: vm.state.as_str(),
                     pid: if vm.state.is_active() { vm.pid } else { None },
@@ -48,6 +65,7 @@ impl VmSource for ManagerSource {
                     id: vm.id,
                     name: vm.name,
                     vmm_exits,
+                    migration,
                 });
             }
             out

@@ -162,7 +162,7 @@ fn probes_attach_and_attribute_exits_and_scheduling_to_each_vm() {
         assert!(log.contains("eBPF probes loaded"), "{log}");
         assert!(log.contains("PVM host: kvm_exit never fires here"), "{log}");
 
-        // Two samples about 2 s apart: increments of the eBPF count and of the VMM's own
+        // Two samples about 3 s apart: increments of the eBPF count and of the VMM's own
         // count of exits it handled, in the same samples.
         let n1 = fresh_metrics(&mut c, "noisy", 0, "exits_total").await;
         let q1 = fresh_metrics(&mut c, "quiet", 0, "exits_total").await;
@@ -522,5 +522,91 @@ fn metrics_call_names_unknown_vms_and_disabled_telemetry() {
         assert_eq!(err.code(), Code::Unavailable, "{err}");
         assert!(err.message().contains("telemetry is disabled"), "{err}");
         assert!(agent.metrics_addr().is_none());
+    });
+}
+
+#[test]
+fn a_migrated_vm_is_watched_on_its_new_host_with_its_migration_statistics() {
+    use novacron_agent::config::MigrationConfig;
+    use novacron_migration::certs::ClusterDir;
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = ClusterDir::new(dir.path().join("certs"));
+        certs.init("telemetry-test").expect("cluster CA");
+        let port = |_: &str| {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .unwrap()
+                .port()
+        };
+        let ports = [("a", port("a")), ("b", port("b"))];
+        let mut agents = Vec::new();
+        for (name, p) in ports {
+            certs.issue(name).expect("agent certificate");
+            let peers = ports
+                .iter()
+                .filter(|(n, _)| *n != name)
+                .map(|(n, p)| (n.to_string(), format!("127.0.0.1:{p}")))
+                .collect();
+            novacron_tests::require_kvm();
+            let agent = TestAgent::start_with(TestAgentOptions {
+                telemetry: Some(telemetry(false)),
+                migration: Some(MigrationConfig {
+                    listen: Some(format!("127.0.0.1:{p}").parse().unwrap()),
+                    agent_name: Some(name.into()),
+                    cert_dir: Some(dir.path().join("certs")),
+                    peers,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("starting agent {name}: {e}"));
+            agents.push(agent);
+        }
+        let mut a = agents[0].client().await.unwrap();
+        let mut b = agents[1].client().await.unwrap();
+        create(&mut a, "mover", NOISY).await;
+        wait_pages_above(&mut a, "mover", 100, WAIT).await;
+        let mut stream = a
+            .migrate_vm(pb::MigrateVmRequest {
+                id_or_name: "mover".into(),
+                to_agent: "b".into(),
+                time_limit_s: 60,
+                ..Default::default()
+            })
+            .await
+            .expect("MigrateVm")
+            .into_inner();
+        let mut last = None;
+        while let Some(p) = stream.message().await.expect("progress") {
+            last = Some(p);
+        }
+        let last = last.expect("progress messages");
+        assert_eq!(last.phase, "completed", "{last:?}");
+
+        // On b, the VM's new VMM and vCPU threads are watched: its exits count there.
+        let m1 = fresh_metrics(&mut b, "mover", 0, "exits_total").await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let m2 = fresh_metrics(&mut b, "mover", m1.ts_unix_ms, "exits_total").await;
+        assert!(
+            val(&m2, "exits_total") - val(&m1, "exits_total") > 1000.0,
+            "exits of the migrated VM are counted on its new host: {m1:?} {m2:?}"
+        );
+        // And b's /metrics carries the VMM's statistics of the migration that brought it.
+        let addr = agents[1].metrics_addr().expect("metrics.addr of b");
+        let (_, body) = http_get(addr, "/metrics", None);
+        let s = samples(&body);
+        let id = &m2.vm_id;
+        assert_eq!(
+            sample(
+                &s,
+                &format!("novacron_vm_migration_phase{{vm=\"mover\",vm_id=\"{id}\",phase=\"completed\"}}")
+            ),
+            1.0,
+            "{body}"
+        );
+        // a no longer lists or watches it.
+        let (_, body_a) = http_get(agents[0].metrics_addr().unwrap(), "/metrics", None);
+        assert!(!body_a.contains("vm=\"mover\""), "{body_a}");
     });
 }

@@ -80,8 +80,32 @@ impl TelemetryConfig {
     }
 }
 
+/// The VMM's statistics of its current (or last) live migration.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MigrationSample {
+    /// Phase (a bounded set: connecting, pre-copy, switch-over, committing, completed,
+    /// rolled-back, in-doubt, listening, receiving, discarded, failed).
+    pub phase: String,
+    /// Current pre-copy round.
+    pub round: u32,
+    /// Pages still to send.
+    pub pages_left: u64,
+    /// The guest's dirty rate in the last round, pages/s.
+    pub dirty_pages_per_second: f64,
+    /// Link throughput in the last round, bytes/s.
+    pub throughput_bytes_per_second: f64,
+    /// Bytes on the wire so far.
+    pub wire_bytes: u64,
+    /// Page bytes before compression so far.
+    pub raw_bytes: u64,
+    /// Time so far, s.
+    pub total_seconds: f64,
+    /// Downtime, s (once known).
+    pub downtime_seconds: Option<f64>,
+}
+
 /// One VM as the agent knows it, handed to the sampler each interval.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VmTarget {
     /// Stable id.
     pub id: String,
@@ -95,6 +119,8 @@ pub struct VmTarget {
     pub vcpu_tids: Vec<i32>,
     /// Exits the VMM handled in user space (its own counter), when it answered.
     pub vmm_exits: Option<u64>,
+    /// The VMM's current or last migration, if it ever migrated.
+    pub migration: Option<MigrationSample>,
 }
 
 /// Where the sampler gets the VMs from (the agent's VM manager).
@@ -788,6 +814,12 @@ mod tests {
                     pid: Some(1),
                     vcpu_tids: vec![1],
                     vmm_exits: Some(9),
+                    migration: Some(MigrationSample {
+                        phase: "pre-copy".into(),
+                        round: 2,
+                        dirty_pages_per_second: 1500.0,
+                        ..Default::default()
+                    }),
                 },
                 kernel: Some(k),
                 preemptions: PreemptorClass::ALL.iter().map(|c| (*c, 1)).collect(),
@@ -808,6 +840,8 @@ mod tests {
             "novacron_vm_memory_resident_bytes{vm=\"web\",vm_id=\"abc\"} 4096.0",
             "novacron_vm_state{vm=\"web\",vm_id=\"abc\",state=\"running\"} 1.0",
             "novacron_telemetry_ebpf_available 1.0",
+            "novacron_vm_migration_dirty_pages_per_second{vm=\"web\",vm_id=\"abc\"} 1500.0",
+            "novacron_vm_migration_phase{vm=\"web\",vm_id=\"abc\",phase=\"pre-copy\"} 1.0",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

@@ -225,6 +225,78 @@ impl prometheus_client::collector::Collector for Collector {
             &vmm_exits,
         )?;
 
+        // The VMM's migration statistics (current or last migration).
+        let migs: Vec<(&VmSample, &crate::MigrationSample)> = s
+            .vms
+            .iter()
+            .filter_map(|v| Some((v, v.target.migration.as_ref()?)))
+            .collect();
+        if !migs.is_empty() {
+            let rows = |f: &dyn Fn(&crate::MigrationSample) -> Option<f64>| -> Vec<(Labels, f64)> {
+                migs.iter()
+                    .filter_map(|(v, m)| Some((vm_labels(v), f(m)?)))
+                    .collect()
+            };
+            let phase: Vec<_> = migs
+                .iter()
+                .map(|(v, m)| (with(vm_labels(v), "phase", &m.phase), 1.0))
+                .collect();
+            f.gauge(
+                "vm_migration_phase",
+                "Phase of the VM's current or last live migration (1 for that phase).",
+                None,
+                &phase,
+            )?;
+            f.gauge(
+                "vm_migration_round",
+                "Pre-copy round of the current or last migration.",
+                None,
+                &rows(&|m| Some(m.round as f64)),
+            )?;
+            f.gauge(
+                "vm_migration_pages_left",
+                "Pages still to send in the current or last migration.",
+                None,
+                &rows(&|m| Some(m.pages_left as f64)),
+            )?;
+            f.gauge(
+                "vm_migration_dirty_pages_per_second",
+                "The guest's dirty rate in the last pre-copy round, pages per second.",
+                None,
+                &rows(&|m| Some(m.dirty_pages_per_second)),
+            )?;
+            f.gauge(
+                "vm_migration_throughput_bytes_per_second",
+                "Link throughput in the last pre-copy round.",
+                None,
+                &rows(&|m| Some(m.throughput_bytes_per_second)),
+            )?;
+            f.gauge(
+                "vm_migration_wire",
+                "Bytes on the wire of the current or last migration.",
+                Some(Unit::Bytes),
+                &rows(&|m| Some(m.wire_bytes as f64)),
+            )?;
+            f.gauge(
+                "vm_migration_raw",
+                "Page bytes before compression of the current or last migration.",
+                Some(Unit::Bytes),
+                &rows(&|m| Some(m.raw_bytes as f64)),
+            )?;
+            f.gauge(
+                "vm_migration_duration",
+                "Duration so far of the current or last migration.",
+                Some(Unit::Seconds),
+                &rows(&|m| Some(m.total_seconds)),
+            )?;
+            f.gauge(
+                "vm_migration_downtime",
+                "Downtime of the last migration.",
+                Some(Unit::Seconds),
+                &rows(&|m| m.downtime_seconds),
+            )?;
+        }
+
         let running: Vec<&VmSample> = s.vms.iter().filter(|v| v.target.pid.is_some()).collect();
         let rss: Vec<_> = running
             .iter()
