@@ -170,7 +170,7 @@ fn probes_attach_and_attribute_exits_and_scheduling_to_each_vm() {
             n1.ebpf_available && n1.exit_source == "userspace_exits",
             "{n1:?}"
         );
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
         let n2 = fresh_metrics(&mut c, "noisy", n1.ts_unix_ms, "exits_total").await;
         let q2 = fresh_metrics(&mut c, "quiet", q1.ts_unix_ms, "exits_total").await;
         let d = |a: &pb::VmMetrics, b: &pb::VmMetrics, k: &str| val(b, k) - val(a, k);
