@@ -451,7 +451,11 @@ fn fallback_forced_by_config_serves_proc_metrics_and_says_what_is_missing() {
             "logged once: {log}"
         );
         assert!(
-            log.contains("exits (eBPF disabled by telemetry.force_fallback)"),
+            log.contains(
+                "exits, guest_page_faults, halts, kvm_events, preemptions, \
+                          program_stats, runqueue_latency (eBPF disabled by \
+                          telemetry.force_fallback)"
+            ),
             "{log}"
         );
         assert!(!log.contains("eBPF probes loaded"), "{log}");
@@ -608,5 +612,59 @@ fn a_migrated_vm_is_watched_on_its_new_host_with_its_migration_statistics() {
         // a no longer lists or watches it.
         let (_, body_a) = http_get(agents[0].metrics_addr().unwrap(), "/metrics", None);
         assert!(!body_a.contains("vm=\"mover\""), "{body_a}");
+    });
+}
+
+#[test]
+fn without_cap_bpf_the_agent_falls_back_and_says_why() {
+    run(async {
+        novacron_tests::require_kvm();
+        let bin = agent_binary().expect("the novacron-agent binary");
+        // The agent (and its VMMs) without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN, as an
+        // unprivileged or locked-down host would run it.
+        let dir = tempfile::tempdir().unwrap();
+        let wrapper = dir.path().join("agent-without-bpf");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec setpriv --bounding-set -bpf,-perfmon,-sys_admin --inh-caps=-all -- {} \"$@\"\n",
+                bin.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let agent = TestAgent::start_with(TestAgentOptions {
+            agent_binary: Some(wrapper.clone()),
+            vmm_binary: Some(bin.clone()),
+            telemetry: Some(telemetry(false)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("starting the agent without CAP_BPF: {e}"));
+        let mut c = agent.client().await.unwrap();
+        create(&mut c, "unprivileged", QUIET).await;
+        wait_pages_above(&mut c, "unprivileged", 5, WAIT).await;
+        let m = fresh_metrics(&mut c, "unprivileged", 0, "vcpu_cpu_seconds_total").await;
+        assert!(!m.ebpf_available, "{m:?}");
+        let log = agent.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("telemetry runs WITHOUT eBPF"))
+            .unwrap_or_else(|| panic!("no fallback warning: {log}"));
+        assert!(
+            line.contains("Operation not permitted") || line.contains("permission"),
+            "the warning says why: {line}"
+        );
+        assert_eq!(
+            log.matches("telemetry runs WITHOUT eBPF").count(),
+            1,
+            "{log}"
+        );
+        let s = samples(&http_get(agent.metrics_addr().unwrap(), "/metrics", None).1);
+        assert_eq!(sample(&s, "novacron_telemetry_ebpf_available"), 0.0);
     });
 }

@@ -413,18 +413,23 @@ impl Telemetry {
                 }
             }
         };
+        // Once, grouped by cause: which metric groups are missing and why.
+        let mut by_reason: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (group, why) in &unavailable {
+            by_reason.entry(why.as_str()).or_default().push(group);
+        }
+        let missing = by_reason
+            .iter()
+            .map(|(why, groups)| format!("{} ({why})", groups.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ");
         if probes.is_none() {
             warn!(
                 "telemetry runs WITHOUT eBPF, from /proc only (vCPU CPU and run-queue wait time, \
-                 involuntary switches, RSS, page faults, host CPU/memory); missing: {}",
-                unavailable
-                    .iter()
-                    .map(|(g, why)| format!("{g} ({why})"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                 involuntary switches, RSS, page faults, host CPU/memory); missing: {missing}"
             );
         } else if !unavailable.is_empty() {
-            warn!("telemetry: some eBPF metrics are missing: {unavailable:?}");
+            warn!("telemetry: some eBPF metrics are missing: {missing}");
         }
         let shared = Arc::new(Shared {
             series: SeriesStore::new(cfg.window),

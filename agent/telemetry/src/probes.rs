@@ -276,6 +276,21 @@ fn take_percpu(
     })
 }
 
+/// An error with its causes, "a: b: c" (aya's errors keep the errno in their sources).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 fn zeros(ncpus: usize) -> PerCpuValues<u64> {
     PerCpuValues::try_from(vec![0u64; ncpus]).expect("one value per possible CPU")
 }
@@ -297,7 +312,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .load(OBJECT)
-            .map_err(|e| ProbeError::Load(format!("{e:#}")))?;
+            .map_err(|e| ProbeError::Load(chain(&e)))?;
         let mut attached = Vec::new();
         let mut missing = Vec::new();
         for spec in PROGRAMS {
@@ -536,8 +551,8 @@ fn attach(ebpf: &mut Ebpf, spec: &ProgSpec, btf: &Btf) -> Result<(), String> {
     if spec.btf {
         let p: &mut BtfTracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
         p.load(spec.tracepoint, btf)
-            .map_err(|e| format!("load: {e:#}"))?;
-        p.attach().map_err(|e| format!("attach: {e:#}"))?;
+            .map_err(|e| format!("load: {}", chain(&e)))?;
+        p.attach().map_err(|e| format!("attach: {}", chain(&e)))?;
         Ok(())
     } else {
         let (cat, name) = spec.tracepoint.split_once('/').expect("category/name");
@@ -551,8 +566,9 @@ fn attach(ebpf: &mut Ebpf, spec: &ProgSpec, btf: &Btf) -> Result<(), String> {
             ));
         }
         let p: &mut TracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
-        p.load().map_err(|e| format!("load: {e:#}"))?;
-        p.attach(cat, name).map_err(|e| format!("attach: {e:#}"))?;
+        p.load().map_err(|e| format!("load: {}", chain(&e)))?;
+        p.attach(cat, name)
+            .map_err(|e| format!("attach: {}", chain(&e)))?;
         Ok(())
     }
 }
