@@ -22,7 +22,7 @@ use novacron_vmm::vm::Vm;
 
 const GUEST: &str = "nc.mem=16 nc.rate=0 nc.exit_heavy=20 nc.log_ms=0";
 /// The probes that fire once per exit: the target is under 500 ns per event.
-const EXIT_PROBES: [&str; 4] = ["nc_userspace_exit", "nc_pio", "nc_emulate_insn", "nc_fpu"];
+const EXIT_PROBES: [&str; 3] = ["nc_userspace_exit", "nc_pio", "nc_emulate_insn"];
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)

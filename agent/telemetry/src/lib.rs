@@ -237,7 +237,6 @@ impl VmSample {
                 ("kvm_events_total.pio", c::PIO),
                 ("kvm_events_total.mmio", c::MMIO),
                 ("kvm_events_total.emulate_insn", c::EMULATE),
-                ("kvm_events_total.fpu", c::FPU),
                 ("kvm_events_total.kvm_exit", c::KVM_EXIT),
                 ("halt_wakeups_total", c::HALT_WAKEUP),
                 ("guest_page_faults_total", c::PAGE_FAULT),

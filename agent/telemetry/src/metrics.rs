@@ -386,13 +386,12 @@ impl prometheus_client::collector::Collector for Collector {
                     ("pio", counter::PIO),
                     ("mmio", counter::MMIO),
                     ("emulate_insn", counter::EMULATE),
-                    ("fpu", counter::FPU),
                     ("kvm_exit", counter::KVM_EXIT),
                 ] {
                     events.push((with(vm_labels(v), "event", ev), k.counter(idx) as f64));
                 }
             }
-            f.counter("vm_kvm_events", "KVM tracepoint events of the vCPU threads (pio, mmio, emulate_insn, fpu; kvm_exit on VT-x/AMD-V).", None, &events)?;
+            f.counter("vm_kvm_events", "KVM tracepoint events of the vCPU threads (pio, mmio, emulate_insn; kvm_exit on VT-x/AMD-V).", None, &events)?;
             let halts: Vec<_> = with_k
                 .iter()
                 .map(|(v, k)| (vm_labels(v), k.counter(counter::HALT_WAKEUP) as f64))

@@ -117,12 +117,6 @@ const PROGRAMS: &[ProgSpec] = &[
         required: false,
     },
     ProgSpec {
-        name: "nc_fpu",
-        tracepoint: "kvm/kvm_fpu",
-        btf: false,
-        required: false,
-    },
-    ProgSpec {
         name: "nc_kvm_exit",
         tracepoint: "kvm/kvm_exit",
         btf: false,
