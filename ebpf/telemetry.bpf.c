@@ -216,15 +216,18 @@ static __always_inline struct watch *current_vcpu(void)
 
 /* ---- exits ---------------------------------------------------------------------------- */
 
-SEC("tracepoint/kvm/kvm_userspace_exit")
-int nc_userspace_exit(struct trace_event_raw_kvm_userspace_exit *ctx)
+/*
+ * The KVM probes are BTF-enabled raw tracepoints: they get the tracepoint's arguments
+ * directly, without the perf record a classic tracepoint assembles before each call.
+ */
+SEC("tp_btf/kvm_userspace_exit")
+int BPF_PROG(nc_userspace_exit, __u32 reason, int err)
 {
     struct watch *w = current_vcpu();
-    __u32 reason, key;
+    __u32 key;
     __u64 *v;
     if (!w)
         return 0;
-    reason = ctx->reason; /* a direct, CO-RE-relocated load from the tracepoint record */
     if (reason >= NC_EXIT_REASONS)
         reason = NC_EXIT_REASONS - 1;
     if (w->slot >= NC_MAX_VMS)
@@ -237,7 +240,7 @@ int nc_userspace_exit(struct trace_event_raw_kvm_userspace_exit *ctx)
 }
 
 #define SIMPLE_COUNTER(name, tp, idx)                                                        \
-    SEC("tracepoint/kvm/" tp)                                                                \
+    SEC("tp_btf/" tp)                                                                        \
     int name(void *ctx)                                                                      \
     {                                                                                        \
         struct watch *w = current_vcpu();                                                    \
@@ -254,14 +257,14 @@ SIMPLE_COUNTER(nc_kvm_exit, "kvm_exit", C_KVM_EXIT)
 SIMPLE_COUNTER(nc_page_fault, "kvm_page_fault", C_PAGE_FAULT)
 
 /* A halted vCPU woke up; `ns` is how long it polled or blocked. */
-SEC("tracepoint/kvm/kvm_vcpu_wakeup")
-int nc_vcpu_wakeup(struct trace_event_raw_kvm_vcpu_wakeup *ctx)
+SEC("tp_btf/kvm_vcpu_wakeup")
+int BPF_PROG(nc_vcpu_wakeup, __u64 ns, bool waited, bool valid)
 {
     struct watch *w = current_vcpu();
     if (!w)
         return 0;
     counter_add(w->slot, C_HALT_WAKEUP, 1);
-    counter_add(w->slot, C_HALT_WAIT_NS, ctx->ns);
+    counter_add(w->slot, C_HALT_WAIT_NS, ns);
     return 0;
 }
 

@@ -382,8 +382,8 @@ impl Telemetry {
                 Ok(Ok(p)) => {
                     for (tp, why) in p.missing() {
                         let group = match *tp {
-                            "kvm/kvm_vcpu_wakeup" => "halts",
-                            "kvm/kvm_page_fault" => "guest_page_faults",
+                            "kvm_vcpu_wakeup" => "halts",
+                            "kvm_page_fault" => "guest_page_faults",
                             "block_rq_issue" | "block_rq_complete" => "block_io_latency",
                             "bpf_stats" => "program_stats",
                             _ => continue,

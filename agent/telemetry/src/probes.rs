@@ -22,9 +22,6 @@ pub enum ProbeError {
     /// The kernel exposes no BTF (CO-RE and `tp_btf` need it).
     #[error("kernel BTF (/sys/kernel/btf/vmlinux) is not available: {0}")]
     NoBtf(String),
-    /// tracefs is missing and could not be mounted.
-    #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {0}")]
-    NoTracefs(std::io::Error),
     /// The object or its maps could not be loaded (no CAP_BPF, verifier refusal, ...).
     #[error("loading the eBPF object: {0}")]
     Load(String),
@@ -94,44 +91,44 @@ struct ProgSpec {
 const PROGRAMS: &[ProgSpec] = &[
     ProgSpec {
         name: "nc_userspace_exit",
-        tracepoint: "kvm/kvm_userspace_exit",
-        btf: false,
+        tracepoint: "kvm_userspace_exit",
+        btf: true,
         required: true,
     },
     ProgSpec {
         name: "nc_pio",
-        tracepoint: "kvm/kvm_pio",
-        btf: false,
+        tracepoint: "kvm_pio",
+        btf: true,
         required: true,
     },
     ProgSpec {
         name: "nc_mmio",
-        tracepoint: "kvm/kvm_mmio",
-        btf: false,
+        tracepoint: "kvm_mmio",
+        btf: true,
         required: false,
     },
     ProgSpec {
         name: "nc_emulate_insn",
-        tracepoint: "kvm/kvm_emulate_insn",
-        btf: false,
+        tracepoint: "kvm_emulate_insn",
+        btf: true,
         required: false,
     },
     ProgSpec {
         name: "nc_kvm_exit",
-        tracepoint: "kvm/kvm_exit",
-        btf: false,
+        tracepoint: "kvm_exit",
+        btf: true,
         required: false,
     },
     ProgSpec {
         name: "nc_page_fault",
-        tracepoint: "kvm/kvm_page_fault",
-        btf: false,
+        tracepoint: "kvm_page_fault",
+        btf: true,
         required: false,
     },
     ProgSpec {
         name: "nc_vcpu_wakeup",
-        tracepoint: "kvm/kvm_vcpu_wakeup",
-        btf: false,
+        tracepoint: "kvm_vcpu_wakeup",
+        btf: true,
         required: false,
     },
     ProgSpec {
@@ -301,7 +298,11 @@ impl Probes {
     /// run-time statistics. Fails if a required program cannot attach.
     pub fn load() -> Result<Probes, ProbeError> {
         let btf = Btf::from_sys_fs().map_err(|e| ProbeError::NoBtf(e.to_string()))?;
-        ensure_tracefs().map_err(ProbeError::NoTracefs)?;
+        // Every program is a BTF tracepoint and needs no tracefs, but operators' tools (and
+        // classic tracepoints on other builds) do: mount it when missing.
+        if let Err(e) = ensure_tracefs() {
+            warn!("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {e}");
+        }
         let exit_source = ExitSource::detect();
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
