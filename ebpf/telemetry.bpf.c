@@ -36,7 +36,15 @@ char LICENSE[] SEC("license") = "GPL";
 #define C_WAKEUPS 11
 #define C_BLK_RQ 12
 #define C_BLK_BYTES 13
-#define NC_COUNTERS 16
+/* involuntary preemptions by who preempted: the VMM's own threads, another watched VM,
+ * a kernel thread, any other host process */
+#define C_PRE_SAME_VM 16
+#define C_PRE_OTHER_VM 17
+#define C_PRE_KERNEL 18
+#define C_PRE_HOST 19
+#define NC_COUNTERS 20
+
+#define NC_PF_KTHREAD 0x00200000 /* PF_KTHREAD */
 
 /* health counters (global) */
 #define H_MAP_UPDATE_FAILED 0
@@ -331,6 +339,15 @@ int BPF_PROG(nc_sched_switch, bool preempt, struct task_struct *prev, struct tas
                 .tgid = next->tgid,
             };
             struct preempt_val *pv;
+            struct watch *wo = bpf_map_lookup_elem(&watched, &key.tgid);
+            __u32 class;
+            if (wo && wo->kind == KIND_VMM)
+                class = wo->slot == wp->slot ? C_PRE_SAME_VM : C_PRE_OTHER_VM;
+            else if (next->flags & NC_PF_KTHREAD)
+                class = C_PRE_KERNEL;
+            else
+                class = C_PRE_HOST;
+            counter_add(wp->slot, class, 1);
             counter_add(wp->slot, C_PREEMPT_INVOL, 1);
             if (bpf_map_update_elem(&enqueued_at, &prev_tid, &now, BPF_ANY))
                 health_inc(H_MAP_UPDATE_FAILED);

@@ -7,7 +7,7 @@ pub const EXIT_REASONS: u32 = 64;
 /// log2(ns) histogram buckets: bucket i counts values in [2^i, 2^(i+1)) ns; the last is open.
 pub const HIST_BUCKETS: u32 = 40;
 /// Counters per VM slot.
-pub const COUNTERS: u32 = 16;
+pub const COUNTERS: u32 = 20;
 
 /// Index of each per-VM counter.
 #[allow(missing_docs)]
@@ -26,6 +26,10 @@ pub mod counter {
     pub const WAKEUPS: u32 = 11;
     pub const BLK_RQ: u32 = 12;
     pub const BLK_BYTES: u32 = 13;
+    pub const PRE_SAME_VM: u32 = 16;
+    pub const PRE_OTHER_VM: u32 = 17;
+    pub const PRE_KERNEL: u32 = 18;
+    pub const PRE_HOST: u32 = 19;
 }
 
 /// Index of each global health counter.

@@ -241,6 +241,7 @@ impl VmSample {
                 ("halt_wakeups_total", c::HALT_WAKEUP),
                 ("guest_page_faults_total", c::PAGE_FAULT),
                 ("vcpu_switch_outs_total", c::SWITCH_OUT),
+                ("vcpu_preemptions_total", c::PREEMPT_INVOL),
                 ("vcpu_wakeups_total", c::WAKEUPS),
                 ("block_io_requests_total", c::BLK_RQ),
                 ("block_io_bytes_total", c::BLK_BYTES),
@@ -603,29 +604,29 @@ impl Sampler {
                         }
                         Err(e) => warn!(vm = %id, "telemetry: reading maps: {e}"),
                     }
-                    let mut list: Vec<Preemptor> = by_slot
-                        .get(&s.slot)
-                        .map(|v| {
-                            v.iter()
-                                .map(|(tgid, val)| Preemptor {
-                                    tgid: *tgid,
-                                    comm: procfs::comm(*tgid),
-                                    cgroup_id: val.cgroup_id,
-                                    count: val.count,
-                                    class: if *tgid == s.pid {
-                                        PreemptorClass::SameVm
-                                    } else if vm_pids.contains_key(tgid) {
-                                        PreemptorClass::OtherVm
-                                    } else if procfs::is_kernel_thread(*tgid) {
-                                        PreemptorClass::Kernel
-                                    } else {
-                                        PreemptorClass::Host
-                                    },
-                                })
-                                .collect()
+                    // The top ten only: /proc is read for these, not for every entry.
+                    let mut raw: Vec<(u32, layout::PreemptVal)> =
+                        by_slot.get(&s.slot).cloned().unwrap_or_default();
+                    raw.sort_by_key(|(_, v)| std::cmp::Reverse(v.count));
+                    let list: Vec<Preemptor> = raw
+                        .into_iter()
+                        .take(10)
+                        .map(|(tgid, val)| Preemptor {
+                            tgid,
+                            comm: procfs::comm(tgid),
+                            cgroup_id: val.cgroup_id,
+                            count: val.count,
+                            class: if tgid == s.pid {
+                                PreemptorClass::SameVm
+                            } else if vm_pids.contains_key(&tgid) {
+                                PreemptorClass::OtherVm
+                            } else if procfs::is_kernel_thread(tgid) {
+                                PreemptorClass::Kernel
+                            } else {
+                                PreemptorClass::Host
+                            },
                         })
-                        .unwrap_or_default();
-                    list.sort_by_key(|p| std::cmp::Reverse(p.count));
+                        .collect();
                     preempt.insert(id.clone(), list);
                 }
             }
@@ -641,20 +642,26 @@ impl Sampler {
                 None => (ThreadSched::default(), None, None),
             };
             let all = preempt.remove(&t.id).unwrap_or_default();
-            let mut preemptions = BTreeMap::new();
-            if self.probes.is_some() && t.pid.is_some() {
-                for c in PreemptorClass::ALL {
-                    preemptions.insert(c, 0);
-                }
-                for p in &all {
-                    *preemptions.entry(p.class).or_insert(0) += p.count;
-                }
-            }
+            let kernel = kernel.remove(&t.id);
+            // Classified in the kernel at each preemption (complete even when the
+            // per-process map is full).
+            let preemptions: BTreeMap<PreemptorClass, u64> = match &kernel {
+                Some(k) => [
+                    (PreemptorClass::SameVm, layout::counter::PRE_SAME_VM),
+                    (PreemptorClass::OtherVm, layout::counter::PRE_OTHER_VM),
+                    (PreemptorClass::Kernel, layout::counter::PRE_KERNEL),
+                    (PreemptorClass::Host, layout::counter::PRE_HOST),
+                ]
+                .into_iter()
+                .map(|(c, idx)| (c, k.counter(idx)))
+                .collect(),
+                None => BTreeMap::new(),
+            };
             snap.vms.push(VmSample {
                 target: t.clone(),
-                kernel: kernel.remove(&t.id),
+                kernel,
                 preemptions,
-                top_preemptors: all.into_iter().take(10).collect(),
+                top_preemptors: all,
                 sched,
                 rss_bytes: rss,
                 faults,
