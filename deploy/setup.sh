@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-for p in qemu-system-x86 busybox-static cpio lz4 gzip; do
+for p in qemu-system-x86 busybox-static cpio lz4 gzip clang-19 llvm-19 libbpf-dev bpftool prometheus; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then

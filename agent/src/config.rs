@@ -63,6 +63,19 @@ max_memory_mib = 0
 # --to NAME` picks one.
 [migration.peers]
 # node-2 = "10.0.0.2:7100"
+
+# Per-VM kernel telemetry (eBPF probes, with a /proc fallback) and the Prometheus endpoint.
+[telemetry]
+# Collect and serve telemetry at all.
+enabled = true
+# Sampling interval of the probes' maps and /proc, in milliseconds.
+interval_ms = 1000
+# Address (IP:port, TCP) of the HTTP endpoint serving GET /metrics.
+listen = "127.0.0.1:9464"
+# Skip eBPF and collect only what /proc gives (as on hosts without BTF, tracefs or CAP_BPF).
+force_fallback = false
+# Samples kept in memory per series (the anomaly detector's window).
+window = 3600
 "#;
 
 /// The agent's configuration.
@@ -85,6 +98,8 @@ pub struct AgentConfig {
     pub max_memory_mib: u64,
     /// Live migration between agents.
     pub migration: MigrationConfig,
+    /// Per-VM telemetry and the `/metrics` endpoint.
+    pub telemetry: novacron_telemetry::TelemetryConfig,
 }
 
 /// The `[migration]` table.
@@ -127,6 +142,7 @@ impl Default for AgentConfig {
             stop_timeout_ms: 5000,
             max_memory_mib: 0,
             migration: MigrationConfig::default(),
+            telemetry: novacron_telemetry::TelemetryConfig::default(),
         }
     }
 }
@@ -220,6 +236,9 @@ impl AgentConfig {
             }
         }
         cfg.check_migration()
+            .map_err(|(field, reason)| invalid(field, reason))?;
+        cfg.telemetry
+            .validate()
             .map_err(|(field, reason)| invalid(field, reason))?;
         Ok(cfg)
     }

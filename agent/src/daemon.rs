@@ -48,6 +48,9 @@ pub enum DaemonError {
     /// The migration identity or listener could not be set up.
     #[error("{0}")]
     Migration(String),
+    /// Telemetry could not start (its `/metrics` address is unusable).
+    #[error("{0}")]
+    Telemetry(String),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -163,12 +166,29 @@ pub async fn serve(
         state_dir = %cfg.state_dir.display(),
         "loaded VMs"
     );
+    let telemetry = if cfg.telemetry.enabled {
+        let t = novacron_telemetry::Telemetry::start(
+            cfg.telemetry.clone(),
+            Arc::new(crate::telemetry::ManagerSource(mgr.clone())),
+        )
+        .await
+        .map_err(|e| DaemonError::Telemetry(e.to_string()))?;
+        // Tests (and operators with `listen = "...:0"`) find the bound port here.
+        let addr_file = cfg.state_dir.join("metrics.addr");
+        std::fs::write(&addr_file, t.local_addr().to_string())
+            .map_err(io(format!("writing {}", addr_file.display())))?;
+        Some(Arc::new(t))
+    } else {
+        None
+    };
     let listener = bind(&cfg.socket).await?;
     info!(socket = %cfg.socket.display(), "serving");
     let (down_tx, down_rx) = tokio::sync::oneshot::channel::<()>();
     let mgr2 = mgr.clone();
     let server = tonic::transport::Server::builder()
-        .add_service(AgentServiceServer::new(AgentServiceImpl::new(mgr)))
+        .add_service(AgentServiceServer::new(
+            AgentServiceImpl::new(mgr).with_telemetry(telemetry),
+        ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
             shutdown.await;
             // End console streams so that graceful shutdown does not wait on followers.

@@ -6,6 +6,7 @@
 //! * [`migration`]: live migration between agents (the agent-to-agent requests, following
 //!   a VMM's outgoing migration).
 //! * [`daemon`]: serving the API on a unix socket.
+//! * [`telemetry`]: the VMs handed to `novacron-telemetry` (eBPF probes, `/metrics`).
 //! * [`testing`]: [`testing::TestAgent`], a real daemon in a temporary directory for tests.
 #![deny(missing_docs)]
 
@@ -14,6 +15,7 @@ pub mod daemon;
 pub mod manager;
 pub mod migration;
 pub mod service;
+pub mod telemetry;
 pub mod testing;
 
 pub use config::AgentConfig;

@@ -90,12 +90,25 @@ fn opt_path(s: String) -> Option<PathBuf> {
 #[derive(Debug, Clone)]
 pub struct AgentServiceImpl {
     mgr: VmManager,
+    telemetry: Option<std::sync::Arc<novacron_telemetry::Telemetry>>,
 }
 
 impl AgentServiceImpl {
     /// Wraps a manager.
     pub fn new(mgr: VmManager) -> Self {
-        AgentServiceImpl { mgr }
+        AgentServiceImpl {
+            mgr,
+            telemetry: None,
+        }
+    }
+
+    /// Serves `GetVmMetrics` from this telemetry (without it the call is Unavailable).
+    pub fn with_telemetry(
+        mut self,
+        telemetry: Option<std::sync::Arc<novacron_telemetry::Telemetry>>,
+    ) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 }
 
@@ -248,6 +261,25 @@ impl AgentService for AgentServiceImpl {
             .map_err(status_of)?;
         let stream = ReceiverStream::new(rx).map(|p| Ok(progress_to_proto(p)));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_vm_metrics(
+        &self,
+        req: Request<pb::GetVmMetricsRequest>,
+    ) -> Result<Response<pb::VmMetrics>, Status> {
+        let req = req.into_inner();
+        let vm = self.mgr.get(&req.id_or_name).map_err(status_of)?;
+        let Some(t) = &self.telemetry else {
+            return Err(Status::unavailable(
+                "telemetry is disabled on this agent ([telemetry] enabled = false)",
+            ));
+        };
+        Ok(Response::new(crate::telemetry::vm_metrics(
+            t,
+            &vm.id,
+            &vm.name,
+            req.last as usize,
+        )))
     }
 
     async fn cancel_migration(&self, req: Request<pb::VmRef>) -> VmResult {

@@ -106,6 +106,9 @@ pub struct TestAgentOptions {
     pub max_memory_mib: Option<u64>,
     /// The `[migration]` table (default: none).
     pub migration: Option<crate::config::MigrationConfig>,
+    /// The `[telemetry]` table (default: telemetry disabled, so that agents of other tests
+    /// load no probes and bind no port).
+    pub telemetry: Option<novacron_telemetry::TelemetryConfig>,
 }
 
 /// A `novacron-agent` daemon with a temporary socket and state directory.
@@ -152,6 +155,13 @@ impl TestAgent {
         if let Some(m) = &opts.migration {
             cfg.migration = m.clone();
         }
+        cfg.telemetry = opts
+            .telemetry
+            .clone()
+            .unwrap_or(novacron_telemetry::TelemetryConfig {
+                enabled: false,
+                ..Default::default()
+            });
         let text = toml::to_string(&cfg).map_err(|e| TestError::Io {
             context: "serialising the test config".into(),
             source: std::io::Error::other(e),
@@ -225,6 +235,15 @@ impl TestAgent {
     /// The directory of VM `id`.
     pub fn vm_dir(&self, id: &str) -> PathBuf {
         self.state_dir().join("vms").join(id)
+    }
+
+    /// Where the agent serves `/metrics` (written by the daemon at start when telemetry is on).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        std::fs::read_to_string(self.state_dir().join("metrics.addr"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// The agent config file.
