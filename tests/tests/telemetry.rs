@@ -565,6 +565,7 @@ fn a_migrated_vm_is_watched_on_its_new_host_with_its_migration_statistics() {
                     agent_name: Some(name.into()),
                     cert_dir: Some(dir.path().join("certs")),
                     peers,
+                    ..Default::default()
                 }),
                 ..Default::default()
             })
