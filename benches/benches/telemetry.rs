@@ -110,6 +110,8 @@ fn main() {
         console_log: dir.path().join("console.log"),
         debugcon_log: dir.path().join("debugcon.log"),
         console_log_max_bytes: 0,
+        dirty_tracking: Default::default(),
+        dirty_ring_entries: 0,
     };
     let (vm, vcpus) = Vm::create(config, false).expect("VM is created");
     let threads = vm.spawn_vcpus(vcpus).expect("vCPU threads start");
