@@ -706,7 +706,17 @@ async fn source(
                 }
                 SourceAction::Release => {
                     // The migration is complete here: the guest runs on the destination.
-                    let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
+                    // Downtime ends when its vCPUs run there, which is when it sent
+                    // `Resumed`: one one-way delay (half the connection's smoothed RTT)
+                    // before the frame arrived here.
+                    let observed = paused_at.elapsed();
+                    let one_way = conn.rtt() / 2;
+                    let downtime = observed.saturating_sub(one_way).as_secs_f64() * 1e3;
+                    tracing::debug!(
+                        observed_us = observed.as_micros() as u64,
+                        one_way_us = one_way.as_micros() as u64,
+                        "downtime"
+                    );
                     let total = started.elapsed().as_secs_f64() * 1e3;
                     handle.set(|p| {
                         p.downtime_ms = Some(downtime);
