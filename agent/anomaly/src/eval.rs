@@ -61,10 +61,7 @@ pub struct Evaluation {
 /// Runs a fresh detector over one series' values.
 pub fn run_series(cfg: &RunConfig, ts: &[i64], values: &[f64]) -> Result<Vec<f64>, LstmError> {
     let mut d = Detector::new(cfg.detector, cfg.lstm, cfg.schedule)?;
-    ts.iter()
-        .zip(values)
-        .map(|(&t, &v)| d.push(t, v))
-        .collect()
+    ts.iter().zip(values).map(|(&t, &v)| d.push(t, v)).collect()
 }
 
 /// Runs the detector over every series of the corpus (on `jobs` threads; each series is
@@ -118,4 +115,54 @@ pub fn evaluate(
         profiles,
         records,
     })
+}
+
+impl RunConfig {
+    /// Overrides one parameter by name (`suppress=150`, `fire=0.6`, ...): for exploring the
+    /// method from the command line. Unknown names and bad values are errors.
+    pub fn set(&mut self, kv: &str) -> Result<(), String> {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("{kv:?}: expected NAME=VALUE"))?;
+        let f: f64 = v
+            .parse()
+            .map_err(|_| format!("{kv:?}: expected a number after '='"))?;
+        let d = &mut self.detector;
+        match k {
+            "suppress" => d.suppress = f as usize,
+            "suppress_factor" => d.suppress_factor = f,
+            "fire" => d.fire = f,
+            "spatial_tolerance" => d.spatial_tolerance = f,
+            "spatial_learning" => d.spatial_learning = f as usize,
+            "local_window" => d.local_window = f as usize,
+            "local_tolerance" => d.local_tolerance = f,
+            "local_score" => d.local_score = f,
+            "stat_half_life" => d.stat_half_life = f,
+            "history" => d.history = f as usize,
+            "lik_average" => {
+                d.lstm_likelihood.average = f as usize;
+                d.stat_likelihood.average = f as usize;
+            }
+            "lik_learning" => {
+                d.lstm_likelihood.learning = f as usize;
+                d.stat_likelihood.learning = f as usize;
+            }
+            "lik_half_life" => {
+                d.lstm_likelihood.half_life = f;
+                d.stat_likelihood.half_life = f;
+            }
+            "lstm_std_floor" => d.lstm_likelihood.std_floor = f,
+            "stat_std_floor" => d.stat_likelihood.std_floor = f,
+            "stat_average" => d.stat_likelihood.average = f as usize,
+            "lstm_average" => d.lstm_likelihood.average = f as usize,
+            "lstm_steps" => self.lstm.steps = f as usize,
+            "lstm_window" => self.lstm.window = f as usize,
+            "lstm_hidden" => self.lstm.hidden = f as usize,
+            "lstm_lr" => self.lstm.lr = f,
+            "train_first" => self.schedule.first = f as usize,
+            "train_every" => self.schedule.every = f as usize,
+            _ => return Err(format!("{k:?}: unknown parameter")),
+        }
+        Ok(())
+    }
 }

@@ -1,8 +1,8 @@
 //! Anomaly likelihood (after Numenta's `AnomalyLikelihood`): the short-term mean of a raw
 //! score is compared with the long-term distribution of that mean (an exponentially weighted
 //! mean and variance, so memory is constant); the output is the Gaussian upper-tail
-//! probability mapped to a log score in [0, 1] (`ln(q + 1e-10) / ln(1e-10)`: 0.5 is a tail of
-//! 1e-5, 1.0 a tail below 1e-10).
+//! probability `q` mapped to a log score in [0, 1] (`ln(2q + 1e-10) / ln(1e-10)`: 0 at or
+//! below the mean, 0.5 for a tail of 5e-6, 1.0 for a tail below 5e-11).
 
 /// Parameters of the likelihood (global).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,16 +53,17 @@ pub fn normal_tail(z: f64) -> f64 {
 pub fn erfc(x: f64) -> f64 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * (-z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87
-                                    + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-        .exp();
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
     if x >= 0.0 {
         r
     } else {
@@ -117,7 +118,8 @@ impl Likelihood {
             0.0
         } else {
             let std = self.var.sqrt().max(self.cfg.std_floor);
-            log_score(normal_tail((avg - self.mean) / std))
+            // Twice the upper tail: 1 (score 0) at or below the mean.
+            log_score((2.0 * normal_tail((avg - self.mean) / std)).min(1.0))
         };
         // Long-term statistics: a plain mean until one half-life has passed, then EW.
         self.n += 1;

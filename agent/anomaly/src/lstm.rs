@@ -289,9 +289,8 @@ impl LstmModel {
     /// A flat copy of the weights for [`FastLstm::predict`].
     pub fn fast(&self) -> Result<FastLstm, LstmError> {
         let t = self.tensors()?;
-        let get = |k: &str| -> Result<Vec<f32>, LstmError> {
-            Ok(t[k].flatten_all()?.to_vec1::<f32>()?)
-        };
+        let get =
+            |k: &str| -> Result<Vec<f32>, LstmError> { Ok(t[k].flatten_all()?.to_vec1::<f32>()?) };
         let b_ih = get("lstm.bias_ih_l0")?;
         let b_hh = get("lstm.bias_hh_l0")?;
         Ok(FastLstm {

@@ -29,9 +29,12 @@ enum Cmd {
         /// Worker threads (series run independently).
         #[arg(long, default_value_t = 2)]
         jobs: usize,
-        /// Also run the LSTM part alone and the detector without the LSTM.
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        ablation: bool,
+        /// Which runs: `all` (full, LSTM alone, without LSTM), `full`, `lstm`, `nolstm`.
+        #[arg(long, default_value = "all")]
+        runs: String,
+        /// Parameter overrides NAME=VALUE (exploration only; defaults are the shipped method).
+        #[arg(long = "set")]
+        set: Vec<String>,
     },
 }
 
@@ -42,7 +45,8 @@ fn main() -> ExitCode {
             data,
             results,
             jobs,
-            ablation,
+            runs: which,
+            set,
         } => {
             let corpus = match Corpus::load(&data) {
                 Ok(c) => c,
@@ -51,10 +55,26 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let mut runs = vec![("novacron", Parts::Full)];
-            if ablation {
-                runs.push(("novacron_lstm", Parts::LstmOnly));
-                runs.push(("novacron_nolstm", Parts::NoLstm));
+            let all = [
+                ("novacron", "full", Parts::Full),
+                ("novacron_lstm", "lstm", Parts::LstmOnly),
+                ("novacron_nolstm", "nolstm", Parts::NoLstm),
+            ];
+            let runs: Vec<(&str, Parts)> = all
+                .iter()
+                .filter(|r| which == "all" || which.split(',').any(|w| w == r.1))
+                .map(|r| (r.0, r.2))
+                .collect();
+            if runs.is_empty() {
+                eprintln!("novacron-anomaly: --runs {which:?}: expected all, full, lstm or nolstm");
+                return ExitCode::from(2);
+            }
+            let mut base = RunConfig::default();
+            for kv in &set {
+                if let Err(e) = base.set(kv) {
+                    eprintln!("novacron-anomaly: --set {e}");
+                    return ExitCode::from(2);
+                }
             }
             println!(
                 "{} series, {} records",
@@ -62,7 +82,7 @@ fn main() -> ExitCode {
                 corpus.series.iter().map(|s| s.values.len()).sum::<usize>()
             );
             for (name, parts) in runs {
-                let cfg = RunConfig::default().with_parts(parts);
+                let cfg = base.with_parts(parts);
                 let t = std::time::Instant::now();
                 let res = results.as_deref().map(|d| (d, name));
                 match evaluate(&corpus, &cfg, jobs, res) {

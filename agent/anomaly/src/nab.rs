@@ -664,7 +664,11 @@ mod tests {
                 .iter()
                 .map(|&t| score_at(&files, &p, t).raw)
                 .fold(f64::NEG_INFINITY, f64::max);
-            assert!((best.raw - brute).abs() < 1e-9, "{}: {best:?} vs {brute}", p.name);
+            assert!(
+                (best.raw - brute).abs() < 1e-9,
+                "{}: {best:?} vs {brute}",
+                p.name
+            );
             let again = score_at(&files, &p, best.threshold);
             assert!((again.raw - best.raw).abs() < 1e-9);
         }

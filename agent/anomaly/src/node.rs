@@ -24,7 +24,7 @@ impl Default for Schedule {
     fn default() -> Self {
         Schedule {
             first: 300,
-            every: 1000,
+            every: 2000,
         }
     }
 }
@@ -43,7 +43,11 @@ pub struct Detector {
 
 impl Detector {
     /// A fresh detector (untrained: persistence forecasts until the first training).
-    pub fn new(cfg: DetectorConfig, lstm: LstmConfig, schedule: Schedule) -> Result<Self, LstmError> {
+    pub fn new(
+        cfg: DetectorConfig,
+        lstm: LstmConfig,
+        schedule: Schedule,
+    ) -> Result<Self, LstmError> {
         Ok(Detector {
             state: SeriesState::new(cfg),
             model: LstmModel::new(lstm, 0x5eed)?,
@@ -57,7 +61,8 @@ impl Detector {
     /// Scores one record (see [`SeriesState::push`]), then retrains if the schedule says so.
     pub fn push(&mut self, ts: i64, value: f64) -> Result<f64, LstmError> {
         let s = self.state.push(ts, value, self.fast.as_ref());
-        if self.state.len() as usize >= self.next_train {
+        let lstm_used = self.state_parts() != crate::detector::Parts::NoLstm;
+        if lstm_used && self.state.len() as usize >= self.next_train {
             self.next_train += self.schedule.every.max(1);
             if self.model.train(&[self.state.training_series()])?.is_some() {
                 self.fast = Some(self.model.fast()?);
@@ -65,6 +70,10 @@ impl Detector {
             }
         }
         Ok(s)
+    }
+
+    fn state_parts(&self) -> crate::detector::Parts {
+        self.state.config().parts
     }
 
     /// How many trainings ran.
@@ -258,8 +267,7 @@ impl Retrainer {
                         let loss = model.train(&set)?;
                         if loss.is_some() {
                             let fast = model.fast()?;
-                            *slot.write().unwrap_or_else(|e| e.into_inner()) =
-                                Some(Arc::new(fast));
+                            *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fast));
                             if let Some(p) = &weights {
                                 model.save(p)?;
                             }

@@ -21,9 +21,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 pub fn parse_timestamp(s: &str) -> Result<i64, TimestampError> {
     let err = || TimestampError(s.into());
     let s2 = s.trim();
-    let (date, time) = s2
-        .split_once([' ', 'T'])
-        .ok_or_else(err)?;
+    let (date, time) = s2.split_once([' ', 'T']).ok_or_else(err)?;
     let mut d = date.split('-');
     let num = |it: &mut std::str::Split<'_, char>| -> Result<i64, TimestampError> {
         it.next().ok_or_else(err)?.parse::<i64>().map_err(|_| err())
