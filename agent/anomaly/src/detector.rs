@@ -120,7 +120,7 @@ pub struct Counters {
 #[derive(Debug, Clone)]
 pub struct SeriesState {
     cfg: DetectorConfig,
-    history: VecDeque<f32>,
+    history: VecDeque<f64>,
     /// Records since the last gap (the model's usable context).
     context: usize,
     last_ts: Option<i64>,
@@ -209,16 +209,13 @@ impl SeriesState {
         self.history
             .iter()
             .skip(self.history.len() - k)
-            .map(|&v| self.normalise(v as f64))
+            .map(|&v| self.normalise(v))
             .collect()
     }
 
     /// The recent history normalised with the current range, for retraining.
     pub fn training_series(&self) -> Vec<f32> {
-        self.history
-            .iter()
-            .map(|&v| self.normalise(v as f64))
-            .collect()
+        self.history.iter().map(|&v| self.normalise(v)).collect()
     }
 
     /// Scores one record. `model` is the forecaster (`None`: persistence forecast, i.e. the
@@ -284,21 +281,24 @@ impl SeriesState {
                 .min(self.history.len())
                 .min(self.context);
             if range > 0.0 && k > 0 {
-                let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+                let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
                 for &v in self.history.iter().skip(self.history.len() - k) {
                     lo = lo.min(v);
                     hi = hi.max(v);
                 }
                 let tol = range * self.cfg.local_tolerance;
-                if value > hi as f64 + tol || value < lo as f64 - tol {
+                if value > hi + tol || value < lo - tol {
                     spatial = self.cfg.local_score;
                 }
             }
         }
         // LSTM error of the forecast made before this record (in the range known then).
+        // (0 while the series has been constant: there is no scale to judge an error by.)
         let lstm_raw = match self.pending {
-            Some(p) => (self.normalise(value) - p).abs() as f64,
-            None => 0.0,
+            Some(p) if self.max > self.min || value != self.max => {
+                (self.normalise(value) - p).abs() as f64
+            }
+            _ => 0.0,
         };
         self.min = self.min.min(value);
         self.max = self.max.max(value);
@@ -325,14 +325,15 @@ impl SeriesState {
         if self.history.len() == self.cfg.history.max(1) {
             self.history.pop_front();
         }
-        self.history.push_back(value as f32);
+        self.history.push_back(value);
         self.context = (self.context + 1).min(self.cfg.history);
         let w = model.map(|m| m.window()).unwrap_or(1);
         let ctx = self.context_window(w);
         self.pending = match model {
-            Some(m) if !ctx.is_empty() => Some(m.predict(&ctx)),
-            _ => ctx.last().copied(),
-        };
+            Some(m) if !ctx.is_empty() => Some(m.predict(&ctx)).filter(|p| p.is_finite()),
+            _ => None,
+        }
+        .or_else(|| ctx.last().copied());
         let mut score = match self.cfg.parts {
             Parts::LstmOnly => lstm_score,
             Parts::Full => lstm_score.max(stat_score).max(spatial),
@@ -356,12 +357,19 @@ impl SeriesState {
         let w = model.map(|m| m.window()).unwrap_or(1);
         let mut ctx = self.context_window(w.max(1));
         if ctx.is_empty() {
-            ctx.push(self.normalise(*self.history.back().unwrap_or(&0.0) as f64));
+            ctx.push(self.normalise(*self.history.back().unwrap_or(&0.0)));
         }
         let mut out = Vec::with_capacity(steps);
         for _ in 0..steps {
             let next = match model {
-                Some(m) => m.predict(&ctx).clamp(-1.0, 2.0),
+                Some(m) => {
+                    let p = m.predict(&ctx);
+                    if p.is_finite() {
+                        p.clamp(-1.0, 2.0)
+                    } else {
+                        *ctx.last().unwrap_or(&0.5)
+                    }
+                }
                 None => *ctx.last().unwrap_or(&0.5),
             };
             out.push(self.denormalise(next));
@@ -384,7 +392,7 @@ impl SeriesState {
 
     /// Bytes held by this series (history plus state).
     pub fn heap_bytes(&self) -> usize {
-        std::mem::size_of::<Self>() + self.history.capacity() * 4
+        std::mem::size_of::<Self>() + self.history.capacity() * 8
     }
 }
 
