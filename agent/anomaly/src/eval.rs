@@ -19,7 +19,7 @@ pub enum EvalError {
 }
 
 /// Everything global that defines a detector run.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RunConfig {
     /// Detector parameters.
     pub detector: DetectorConfig,
@@ -27,16 +27,6 @@ pub struct RunConfig {
     pub lstm: LstmConfig,
     /// Retraining schedule.
     pub schedule: Schedule,
-}
-
-impl Default for RunConfig {
-    fn default() -> Self {
-        RunConfig {
-            detector: DetectorConfig::default(),
-            lstm: LstmConfig::default(),
-            schedule: Schedule::default(),
-        }
-    }
 }
 
 impl RunConfig {

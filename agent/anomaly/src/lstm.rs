@@ -115,8 +115,8 @@ impl FastLstm {
             }
         }
         let mut out = self.head_b;
-        for k in 0..h_n {
-            out += self.head_w[k] * h[k];
+        for (w, hk) in self.head_w.iter().zip(&h[..h_n]) {
+            out += w * hk;
         }
         last + out
     }
@@ -448,7 +448,7 @@ mod tests {
                 / 584.0
         };
         let before = err(&m);
-        m.train(&[data.clone()]).unwrap();
+        m.train(std::slice::from_ref(&data)).unwrap();
         let after = err(&m);
         assert!(after < before * 0.7, "before {before} after {after}");
     }

@@ -570,7 +570,7 @@ mod tests {
             scores: (0..100).map(|i| if i == 50 { 1.0 } else { 0.0 }).collect(),
             windows: vec![(50, 59)],
         };
-        let r = score_at(&[s.clone()], &std_profile(), 0.5);
+        let r = score_at(std::slice::from_ref(&s), &std_profile(), 0.5);
         assert!((r.raw - 1.0).abs() < 1e-12, "{r:?}");
         assert!((r.normalised - 100.0).abs() < 1e-9);
         let best = optimise(&[s], &std_profile());
@@ -681,7 +681,7 @@ mod tests {
             windows: vec![(50, 59)],
         };
         for p in Profile::nab_defaults() {
-            let r = optimise(&[s.clone()], &p);
+            let r = optimise(std::slice::from_ref(&s), &p);
             assert!(r.normalised.abs() < 1e-9, "{r:?}");
         }
     }
