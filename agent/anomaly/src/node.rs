@@ -169,16 +169,20 @@ impl NodeDetector {
         self.series.is_empty()
     }
 
-    /// The recent history of every series, normalised, for a retraining job: at most
-    /// `max_records` values in all (the most recent of each series, shared evenly).
+    /// The recent history of the node's series, normalised, for a retraining job: about
+    /// `max_records` values in all, at least 256 recent values from each chosen series (so
+    /// each gives whole training windows), the series chosen evenly over all of them.
     pub fn training_set(&self, max_records: usize) -> Vec<Vec<f32>> {
-        let per = max_records / self.series.len().max(1);
         let mut names: Vec<&String> = self.series.keys().collect();
         names.sort();
-        names
-            .into_iter()
-            .map(|n| {
-                let s = self.series[n].training_series();
+        let n = names.len().max(1);
+        let per = (max_records / n).max(256);
+        let chosen = (max_records / per).clamp(1, n);
+        let stride = n as f64 / chosen as f64;
+        (0..chosen)
+            .map(|k| names[((k as f64 * stride) as usize).min(n - 1)])
+            .map(|name| {
+                let s = self.series[name].training_series();
                 s[s.len().saturating_sub(per)..].to_vec()
             })
             .filter(|s| !s.is_empty())
@@ -358,6 +362,9 @@ mod tests {
         let node2 = NodeDetector::new(DetectorConfig::default());
         let _r2 = Retrainer::restore_or_new(cfg, &path, node2.slot()).unwrap();
         assert_eq!(*node2.model().unwrap(), *trained);
+        let set = node.training_set(300);
+        assert_eq!(set.len(), 1);
+        assert_eq!(set[0].len(), 256);
         let f = node.forecast_next_hour("vm1/cpu").unwrap();
         assert_eq!(f.steps, 60);
         assert!(f.mean.is_finite() && f.max >= f.mean);
