@@ -367,7 +367,7 @@ impl Coordinator for Api {
                 a.state
                     .vms
                     .get(&r.id)
-                    .or_else(|| a.state.vms.values().find(|v| v.name == r.id))
+                    .or_else(|| a.state.vm_names.get(&r.id).and_then(|id| a.state.vms.get(id)))
                     .cloned()
             })
             .await

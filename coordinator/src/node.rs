@@ -2,8 +2,8 @@
 //!
 //! Knows nothing of the public gRPC API (`api` adapts it). Writes go to the leader: a follower
 //! forwards them over the Raft transport. A leader that has not heard from a quorum within
-//! `2 × election timeout` refuses writes at once (nothing is proposed), so a minority never
-//! accepts a write it cannot commit.
+//! `2 × election timeout` (and cannot confirm it with one heartbeat round) refuses writes
+//! before proposing anything, so a minority never takes a write it cannot commit.
 //!
 //! Host liveness is in memory on the leader: a heartbeat updates `last seen` and utilisation
 //! there and writes nothing to Raft. Only transitions go through Raft: a host not seen for
@@ -151,6 +151,7 @@ pub struct Node {
     pub opts: Options,
     liveness: Mutex<HashMap<String, Liveness>>,
     peers: Mutex<HashMap<String, RaftTransportClient<Channel>>>,
+    quorum_ok_at: Mutex<Option<Instant>>,
 }
 
 impl Node {
@@ -162,6 +163,7 @@ impl Node {
             opts,
             liveness: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
+            quorum_ok_at: Mutex::new(None),
         })
     }
 
@@ -183,23 +185,46 @@ impl Node {
         m.state == ServerState::Leader && m.current_leader == Some(self.opts.id)
     }
 
-    /// Refuses at once when this leader has not heard from a quorum recently.
-    fn check_quorum(&self) -> Result<(), CoreError> {
-        let m = self.raft.metrics().borrow().clone();
-        let limit = 2 * self.opts.election_timeout_ms.max(1);
-        let voters = m.membership_config.membership().voter_ids().count();
-        match m.millis_since_quorum_ack {
-            Some(ms) if ms <= limit => Ok(()),
-            // A single voter is its own quorum.
-            _ if voters <= 1 => Ok(()),
-            other => Err(CoreError::NoQuorum(format!(
-                "leader {} has not heard from a majority of {voters} voters for {} ms",
+    /// Refuses, before proposing anything, when this leader cannot confirm within
+    /// `2 × election timeout` that a majority still follows it. Under load every commit
+    /// confirms it, so the check costs nothing; an idle leader confirms with one heartbeat round.
+    async fn check_quorum(&self) -> Result<(), CoreError> {
+        let voters = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count();
+        if voters <= 1 {
+            return Ok(());
+        }
+        let limit = Duration::from_millis(2 * self.opts.election_timeout_ms.max(1));
+        if let Some(t) = *self.quorum_ok_at.lock().expect("quorum lock") {
+            if t.elapsed() < limit {
+                return Ok(());
+            }
+        }
+        match tokio::time::timeout(limit, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => {
+                self.confirm_quorum();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(CoreError::NoQuorum(format!(
+                "node {} is not the leader of a majority of the {voters} voters: {e}",
+                self.opts.id
+            ))),
+            Err(_) => Err(CoreError::NoQuorum(format!(
+                "leader {} could not confirm its leadership with a majority of the {voters} voters within {} ms",
                 self.opts.id,
-                other
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| "ever".into())
+                limit.as_millis()
             ))),
         }
+    }
+
+    fn confirm_quorum(&self) {
+        *self.quorum_ok_at.lock().expect("quorum lock") = Some(Instant::now());
     }
 
     fn no_leader(&self) -> CoreError {
@@ -298,13 +323,14 @@ impl Node {
                 self.opts.id
             )));
         }
-        self.check_quorum()?;
+        self.check_quorum().await?;
         let fut = self.raft.client_write(cmd);
         let res = tokio::time::timeout(self.opts.write_timeout, fut)
             .await
             .map_err(|_| CoreError::Uncertain(self.opts.write_timeout))?;
         match res {
             Ok(resp) => {
+                self.confirm_quorum();
                 let reply = resp.data.0?;
                 Ok((reply, resp.log_id.index))
             }
@@ -359,7 +385,7 @@ impl Node {
     }
 
     async fn read_index_local(&self) -> Result<u64, CoreError> {
-        self.check_quorum()?;
+        self.check_quorum().await?;
         let r = tokio::time::timeout(self.opts.write_timeout, self.raft.ensure_linearizable())
             .await
             .map_err(|_| CoreError::NoQuorum("leadership not confirmed in time".into()))?;
@@ -494,7 +520,7 @@ impl Node {
     }
 
     async fn add_member_local(&self, id: NodeId, addr: String) -> Result<(), CoreError> {
-        self.check_quorum()?;
+        self.check_quorum().await?;
         self.raft
             .add_learner(id, BasicNode { addr }, true)
             .await
@@ -519,7 +545,7 @@ impl Node {
     }
 
     async fn remove_member_local(&self, id: NodeId) -> Result<(), CoreError> {
-        self.check_quorum()?;
+        self.check_quorum().await?;
         let mut voters: BTreeSet<NodeId> = self.voters().into_keys().collect();
         if !voters.remove(&id) {
             return Err(CoreError::Membership(format!("node {id} is not a voter")));

@@ -108,7 +108,7 @@ pub async fn run(
         election_timeout_max: 2 * election_min,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
         max_in_snapshot_log_to_keep: cfg.keep_after_snapshot,
-        purge_batch_size: 256,
+        purge_batch_size: (cfg.snapshot_every / 4).clamp(1, 256),
         max_payload_entries: 1024,
         ..Default::default()
     }

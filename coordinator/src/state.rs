@@ -316,6 +316,9 @@ pub struct ClusterState {
     pub migrations: BTreeMap<String, Migration>,
     /// Last event sequence number.
     pub event_seq: u64,
+    /// VM name → id: derived from `vms`, not stored; [`ClusterState::rebuild_index`] after loading.
+    #[serde(skip)]
+    pub vm_names: BTreeMap<String, String>,
 }
 
 /// Checks fields that need no state. Runs before proposing and again when applying.
@@ -368,6 +371,15 @@ pub fn validate(cmd: &Command) -> Result<(), StateError> {
 }
 
 impl ClusterState {
+    /// Rebuilds the derived name index after loading `vms`.
+    pub fn rebuild_index(&mut self) {
+        self.vm_names = self
+            .vms
+            .values()
+            .map(|v| (v.name.clone(), v.id.clone()))
+            .collect();
+    }
+
     /// Applies `cmd` committed at `index`. On error nothing changed. Returns the reply, the
     /// records touched and the events raised.
     pub fn apply(
@@ -501,11 +513,11 @@ impl ClusterState {
                 start,
                 policy,
             } => {
-                if let Some(v) = self.vms.values().find(|v| &v.name == name) {
+                if let Some(id) = self.vm_names.get(name) {
                     return Err(StateError::AlreadyExists {
                         kind: "vm".into(),
                         name: name.clone(),
-                        id: v.id.clone(),
+                        id: id.clone(),
                     });
                 }
                 let req = scheduler::Request {
@@ -541,6 +553,7 @@ impl ClusterState {
                 h.allocated.add(*resources);
                 insert_sorted(&mut h.vm_ids, &id);
                 self.vms.insert(id.clone(), vm.clone());
+                self.vm_names.insert(name.clone(), id.clone());
                 keys.push(Key::Vm(id.clone()));
                 keys.push(Key::Host(host_id.clone()));
                 events.push(ev("vm.created", &id, format!("{name} placed on {host_id}")));
@@ -582,6 +595,7 @@ impl ClusterState {
                     keys.push(Key::Host(vm.host_id.clone()));
                 }
                 self.vms.remove(id);
+                self.vm_names.remove(&vm.name);
                 keys.push(Key::Vm(id.clone()));
                 events.push(ev("vm.deleted", id, format!("{} deleted", vm.name)));
                 Ok(Reply::Vm(vm))

@@ -388,7 +388,10 @@ pub fn unframe_snapshot(data: &[u8]) -> Result<ClusterState, StoreError> {
     if crc32fast::hash(body) != crc {
         return Err(StoreError::Snapshot("checksum mismatch".into()));
     }
-    serde_json::from_slice(body).map_err(|e| StoreError::Snapshot(format!("body: {e}")))
+    let mut state: ClusterState =
+        serde_json::from_slice(body).map_err(|e| StoreError::Snapshot(format!("body: {e}")))?;
+    state.rebuild_index();
+    Ok(state)
 }
 
 fn row_key(k: &Key) -> String {
@@ -436,6 +439,7 @@ impl StateMachineStore {
         if let Some(v) = get("event_seq")? {
             state.event_seq = serde_json::from_slice(&v).map_err(any)?;
         }
+        state.rebuild_index();
         let index = applied.map(|l| l.index).unwrap_or(0);
         Ok(StateMachineStore {
             db,
