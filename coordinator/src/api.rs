@@ -367,7 +367,12 @@ impl Coordinator for Api {
                 a.state
                     .vms
                     .get(&r.id)
-                    .or_else(|| a.state.vm_names.get(&r.id).and_then(|id| a.state.vms.get(id)))
+                    .or_else(|| {
+                        a.state
+                            .vm_names
+                            .get(&r.id)
+                            .and_then(|id| a.state.vms.get(id))
+                    })
                     .cloned()
             })
             .await

@@ -18,6 +18,21 @@ pub fn client(addr: &str) -> Client {
     CoordinatorClient::new(ch)
 }
 
+/// The `novacron-coordinator` binary for tests outside this crate: `$NOVACRON_COORDINATOR_BIN`,
+/// else next to the running test executable's `deps/` directory
+/// (`target/<profile>/novacron-coordinator`, built by `cargo test --workspace`).
+pub fn coordinator_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NOVACRON_COORDINATOR_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .skip(1)
+        .take(3)
+        .map(|d| d.join("novacron-coordinator"))
+        .find(|p| p.is_file())
+}
+
 /// A free loopback port (bound and released; fine for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
