@@ -700,8 +700,10 @@ mod tests {
 
     #[test]
     fn snapshot_frame_checks_magic_version_and_checksum() {
-        let mut s = ClusterState::default();
-        s.event_seq = 7;
+        let s = ClusterState {
+            event_seq: 7,
+            ..Default::default()
+        };
         let f = frame_snapshot(&s);
         assert_eq!(unframe_snapshot(&f).unwrap(), s);
         let mut bad = f.clone();

@@ -222,7 +222,7 @@ fn phase(p: i32) -> &'static str {
 }
 
 fn res(r: &Option<pb::Resources>) -> Value {
-    let r = r.clone().unwrap_or_default();
+    let r = r.unwrap_or_default();
     json!({"vcpus": r.vcpus, "memory_mib": r.memory_mib})
 }
 
@@ -274,8 +274,8 @@ pub fn hosts_table(hosts: &[pb::Host]) -> String {
     let rows: Vec<[String; 7]> = hosts
         .iter()
         .map(|h| {
-            let c = h.capacity.clone().unwrap_or_default();
-            let a = h.allocated.clone().unwrap_or_default();
+            let c = h.capacity.unwrap_or_default();
+            let a = h.allocated.unwrap_or_default();
             [
                 h.id.clone(),
                 host_state(h.state).into(),
@@ -311,7 +311,7 @@ pub fn vms_table(vms: &[pb::Vm]) -> String {
         .iter()
         .map(|v| {
             let j = vm_json(v);
-            let r = v.resources.clone().unwrap_or_default();
+            let r = v.resources.unwrap_or_default();
             [
                 v.id.clone(),
                 v.name.clone(),
