@@ -74,7 +74,7 @@ pub enum VmDesired {
 /// A VM record: what should run where.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Vm {
-    /// "vm-<log index>".
+    /// `vm-<log index>`.
     pub id: String,
     /// Unique name.
     pub name: String,
@@ -119,7 +119,7 @@ impl Phase {
 /// A migration operation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Migration {
-    /// "mig-<log index>".
+    /// `mig-<log index>`.
     pub id: String,
     /// The VM moved.
     pub vm_id: String,
