@@ -282,12 +282,12 @@ impl Engine {
     /// forecasts for the snapshot.
     pub(crate) fn end_sample(&mut self) -> (Vec<AnomalyScore>, Vec<Forecast>) {
         self.samples += 1;
-        if self.samples.is_multiple_of(self.cfg.retrain_every) {
+        if self.samples % self.cfg.retrain_every == 0 {
             if let Some(r) = &self.retrainer {
                 r.submit(self.node.training_set(10_000));
             }
         }
-        if self.samples.is_multiple_of(self.cfg.forecast_every) || self.samples == 2 {
+        if self.samples % self.cfg.forecast_every == 0 || self.samples == 2 {
             let mut scopes: BTreeMap<&str, &str> = BTreeMap::new();
             for ((scope, _), (name, _)) in &self.scores {
                 scopes.insert(scope, name);
