@@ -76,6 +76,21 @@ listen = "127.0.0.1:9464"
 force_fallback = false
 # Samples kept in memory per series (the anomaly detector's window).
 window = 3600
+
+# Anomaly scoring of every series (novacron-anomaly) and next-hour forecasts.
+[telemetry.anomaly]
+# Score at all (novacron_vm_anomaly_score, forecasts, the ListAnomalies call).
+enabled = true
+# Records of a series before its scores count (0 until then).
+warmup = 300
+# A record scoring at least this (0 to 1) is an anomaly event.
+threshold = 0.5
+# Retrain the shared LSTM (at low priority) every this many samples.
+retrain_every = 600
+# Recompute the next-hour forecasts every this many samples.
+forecast_every = 60
+# Where the LSTM weights are kept (default: anomaly.safetensors in state_dir).
+# weights = "/var/lib/novacron/anomaly.safetensors"
 "#;
 
 /// The agent's configuration.

@@ -167,8 +167,12 @@ pub async fn serve(
         "loaded VMs"
     );
     let telemetry = if cfg.telemetry.enabled {
+        let mut tcfg = cfg.telemetry.clone();
+        if tcfg.anomaly.weights.is_none() {
+            tcfg.anomaly.weights = Some(cfg.state_dir.join("anomaly.safetensors"));
+        }
         let t = novacron_telemetry::Telemetry::start(
-            cfg.telemetry.clone(),
+            tcfg,
             Arc::new(crate::telemetry::ManagerSource(mgr.clone())),
         )
         .await

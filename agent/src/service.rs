@@ -282,6 +282,55 @@ impl AgentService for AgentServiceImpl {
         )))
     }
 
+    async fn list_anomalies(
+        &self,
+        req: Request<pb::ListAnomaliesRequest>,
+    ) -> Result<Response<pb::ListAnomaliesResponse>, Status> {
+        let req = req.into_inner();
+        if !(0.0..=1.0).contains(&req.min_score) {
+            return Err(Status::invalid_argument(format!(
+                "min_score {}: expected a score in [0, 1]",
+                req.min_score
+            )));
+        }
+        let scope = if req.id_or_name.is_empty() {
+            None
+        } else {
+            Some(self.mgr.get(&req.id_or_name).map_err(status_of)?.id)
+        };
+        let Some(t) = &self.telemetry else {
+            return Err(Status::unavailable(
+                "telemetry is disabled on this agent ([telemetry] enabled = false)",
+            ));
+        };
+        let acfg = &t.config().anomaly;
+        if !acfg.enabled {
+            return Err(Status::unavailable(
+                "anomaly scoring is disabled on this agent ([telemetry.anomaly] enabled = false)",
+            ));
+        }
+        let min = if req.min_score > 0.0 {
+            req.min_score
+        } else {
+            acfg.threshold
+        };
+        let events = t
+            .anomalies(scope.as_deref(), min)
+            .into_iter()
+            .map(|e| pb::AnomalyEvent {
+                vm_id: e.scope,
+                vm: e.name,
+                series: e.series,
+                score: e.score,
+                start_unix_ms: e.start_ms,
+                end_unix_ms: e.end_ms,
+                records: e.records,
+                open: e.open,
+            })
+            .collect();
+        Ok(Response::new(pb::ListAnomaliesResponse { events }))
+    }
+
     async fn cancel_migration(&self, req: Request<pb::VmRef>) -> VmResult {
         vm_reply(
             self.mgr

@@ -31,6 +31,7 @@ fn telemetry(force_fallback: bool) -> TelemetryConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         force_fallback,
         window: 600,
+        anomaly: Default::default(),
     }
 }
 

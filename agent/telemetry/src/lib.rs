@@ -7,11 +7,14 @@
 //! * [`series`]: bounded per-VM time-series windows for the anomaly detector.
 //! * [`metrics`]: the Prometheus exposition (prometheus-client).
 //! * [`http`]: the `/metrics` endpoint.
+//! * [`anomaly`]: anomaly scores, events and next-hour forecasts of the series
+//!   (`novacron-anomaly`).
 //!
 //! [`Telemetry::start`] ties them together: a sampler reads the maps every interval into a
 //! [`Snapshot`] and the [`series::SeriesStore`].
 #![deny(missing_docs)]
 
+pub mod anomaly;
 pub mod http;
 pub mod layout;
 pub mod metrics;
@@ -47,6 +50,8 @@ pub struct TelemetryConfig {
     pub force_fallback: bool,
     /// Samples kept per series (the anomaly detector's window). Default 3600.
     pub window: usize,
+    /// Anomaly scoring and forecasts of the series.
+    pub anomaly: anomaly::AnomalyConfig,
 }
 
 impl Default for TelemetryConfig {
@@ -57,6 +62,7 @@ impl Default for TelemetryConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             force_fallback: false,
             window: 3600,
+            anomaly: anomaly::AnomalyConfig::default(),
         }
     }
 }
@@ -76,7 +82,7 @@ impl TelemetryConfig {
                 format!("{}; expected 1 to 1000000 samples", self.window),
             ));
         }
-        Ok(())
+        self.anomaly.validate()
     }
 }
 
@@ -296,6 +302,10 @@ pub struct Snapshot {
     pub map_update_failures: u64,
     /// Events the probes dropped (a full map).
     pub events_dropped: u64,
+    /// The latest anomaly score of each series (empty with anomaly scoring off).
+    pub anomaly_scores: Vec<anomaly::AnomalyScore>,
+    /// Next-hour CPU and memory forecasts per VM and for the host.
+    pub forecasts: Vec<anomaly::Forecast>,
 }
 
 /// The metric groups whose availability is reported (`novacron_telemetry_metric_available`).
@@ -329,6 +339,7 @@ struct Shared {
     cfg: TelemetryConfig,
     snapshot: RwLock<Arc<Snapshot>>,
     series: SeriesStore,
+    events: anomaly::Events,
 }
 
 /// Running telemetry: the sampler and the `/metrics` endpoint. Dropping it stops both.
@@ -433,6 +444,7 @@ impl Telemetry {
         }
         let shared = Arc::new(Shared {
             series: SeriesStore::new(cfg.window),
+            events: anomaly::Events::default(),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             cfg: cfg.clone(),
         });
@@ -454,6 +466,14 @@ impl Telemetry {
             unavailable,
             slots: HashMap::new(),
             prev: None,
+            anomaly: if cfg.anomaly.enabled {
+                let acfg = cfg.anomaly.clone();
+                tokio::task::spawn_blocking(move || anomaly::Engine::new(acfg))
+                    .await
+                    .ok()
+            } else {
+                None
+            },
         };
         sampler.sample(&source.targets().await);
         let interval = Duration::from_millis(cfg.interval_ms);
@@ -495,6 +515,12 @@ impl Telemetry {
         &self.shared.series
     }
 
+    /// Anomaly events (oldest first) of one scope (a VM id) or all, scoring at least
+    /// `min_score`.
+    pub fn anomalies(&self, scope: Option<&str>, min_score: f64) -> Vec<anomaly::AnomalyEvent> {
+        self.shared.events.list(scope, min_score)
+    }
+
     /// The `/metrics` text now.
     pub fn render(&self) -> String {
         metrics::render(&self.snapshot())
@@ -520,6 +546,7 @@ struct Sampler {
     /// VM id → its slot in the maps.
     slots: HashMap<String, Slot>,
     prev: Option<Arc<Snapshot>>,
+    anomaly: Option<anomaly::Engine>,
 }
 
 impl Sampler {
@@ -667,14 +694,17 @@ impl Sampler {
                 faults,
             });
         }
-        let snap = Arc::new(snap);
         self.push_series(&snap);
+        if let Some(engine) = &mut self.anomaly {
+            (snap.anomaly_scores, snap.forecasts) = engine.end_sample();
+        }
+        let snap = Arc::new(snap);
         *self.shared.snapshot.write().unwrap() = snap.clone();
         self.prev = Some(snap);
     }
 
     /// Appends the derived per-second series of this sample to the store.
-    fn push_series(&self, snap: &Snapshot) {
+    fn push_series(&mut self, snap: &Snapshot) {
         let store = &self.shared.series;
         let ts = snap.ts_ms;
         let Some(prev) = &self.prev else {
@@ -690,6 +720,9 @@ impl Sampler {
         for v in &prev.vms {
             if !known.contains(v.target.id.as_str()) {
                 store.remove_scope(&v.target.id);
+                if let Some(e) = &mut self.anomaly {
+                    e.remove_scope(&v.target.id);
+                }
             }
         }
         for v in &snap.vms {
@@ -776,6 +809,23 @@ impl Sampler {
             ts,
             snap.host.mem_available_bytes as f64,
         );
+        // This sample's records, in series order, to the detector.
+        if let Some(engine) = &mut self.anomaly {
+            let scopes = snap
+                .vms
+                .iter()
+                .map(|v| (v.target.id.as_str(), v.target.name.as_str()))
+                .chain([(series::HOST, series::HOST)]);
+            for (scope, name) in scopes {
+                for s in store.series_of(scope) {
+                    if let Some((t, v)) = store.last(scope, &s) {
+                        if t == ts {
+                            engine.push(&self.shared.events, scope, name, &s, ts, v);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

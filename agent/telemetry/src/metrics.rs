@@ -494,6 +494,80 @@ impl prometheus_client::collector::Collector for Collector {
             Some(Unit::Bytes),
             &[(vec![], s.host.mem_available_bytes as f64)],
         )?;
+
+        // Anomaly scores and next-hour forecasts.
+        let host = crate::series::HOST;
+        let scope_labels = |scope: &str, name: &str| -> Labels {
+            if scope == host {
+                vec![]
+            } else {
+                vec![("vm", name.to_string()), ("vm_id", scope.to_string())]
+            }
+        };
+        let (vm_scores, host_scores): (Vec<_>, Vec<_>) =
+            s.anomaly_scores.iter().partition(|a| a.scope != host);
+        let rows = |list: &[&crate::anomaly::AnomalyScore]| -> Vec<(Labels, f64)> {
+            list.iter()
+                .map(|a| {
+                    (
+                        with(scope_labels(&a.scope, &a.name), "series", &a.series),
+                        a.score,
+                    )
+                })
+                .collect()
+        };
+        f.gauge(
+            "vm_anomaly_score",
+            "Latest anomaly score in [0, 1] of a VM's series (novacron-anomaly).",
+            None,
+            &rows(&vm_scores),
+        )?;
+        f.gauge(
+            "host_anomaly_score",
+            "Latest anomaly score in [0, 1] of a host series (novacron-anomaly).",
+            None,
+            &rows(&host_scores),
+        )?;
+        for (series, name, help, unit) in [
+            (
+                "vcpu_cpu_ratio",
+                "vm_forecast_cpu_seconds_per_second",
+                "Next-hour forecast of the VM's vCPU CPU time per second (stat: mean or max).",
+                None,
+            ),
+            (
+                "memory_resident_bytes",
+                "vm_forecast_memory_resident",
+                "Next-hour forecast of the VMM's resident memory (stat: mean or max).",
+                Some(Unit::Bytes),
+            ),
+            (
+                "cpu_busy_ratio",
+                "host_forecast_cpu_busy_ratio",
+                "Next-hour forecast of the host's busy CPU fraction (stat: mean or max).",
+                None,
+            ),
+            (
+                "memory_available_bytes",
+                "host_forecast_memory_available",
+                "Next-hour forecast of the host's available memory (stat: mean or max).",
+                Some(Unit::Bytes),
+            ),
+        ] {
+            let rows: Vec<(Labels, f64)> = s
+                .forecasts
+                .iter()
+                .filter(|fc| fc.series == series)
+                .flat_map(|fc| {
+                    let l = scope_labels(&fc.scope, &fc.name);
+                    [
+                        (with(l.clone(), "stat", "mean"), fc.mean),
+                        (with(l, "stat", "max"), fc.max),
+                    ]
+                })
+                .collect();
+            f.gauge(name, help, unit, &rows)?;
+        }
         Ok(())
     }
 }

@@ -47,6 +47,14 @@ impl SeriesStore {
             .unwrap_or_default()
     }
 
+    /// The newest sample of one series.
+    pub fn last(&self, scope: &str, series: &str) -> Option<(u64, f64)> {
+        let g = self.inner.lock().unwrap();
+        g.get(&(scope.to_string(), series.to_string()))?
+            .back()
+            .copied()
+    }
+
     /// Names of the series of `scope`.
     pub fn series_of(&self, scope: &str) -> Vec<String> {
         let g = self.inner.lock().unwrap();
