@@ -927,10 +927,12 @@ mod tests {
         let ids: Vec<String> = ["a", "b", "c"]
             .iter()
             .enumerate()
-            .map(|(sub, n)| match s.apply_at(3, sub, &create(n, 1, 64)).unwrap() {
-                (Reply::Vm(v), _, _) => v.id,
-                other => panic!("{other:?}"),
-            })
+            .map(
+                |(sub, n)| match s.apply_at(3, sub, &create(n, 1, 64)).unwrap() {
+                    (Reply::Vm(v), _, _) => v.id,
+                    other => panic!("{other:?}"),
+                },
+            )
             .collect();
         assert_eq!(ids, ["vm-3", "vm-3-1", "vm-3-2"]);
         // A refused command inside a batch changes nothing.
