@@ -74,7 +74,7 @@ fn debian_kernel_prints_its_banner_and_gets_through_early_setup() {
         "{text}"
     );
     // Both vCPUs found through the VMM's ACPI MADT (this kernel has no MP-table support).
-    let text = wait_file_contains(&console, "smpboot: Allowing", limit);
+    let text = wait_file_contains(&console, "smpboot: Allowing 2 CPUs", limit);
     assert!(
         text.contains("ACPI: Using ACPI (MADT) for SMP configuration"),
         "{text}"
