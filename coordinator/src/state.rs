@@ -372,27 +372,12 @@ pub fn validate(cmd: &Command) -> Result<(), StateError> {
 
 impl ClusterState {
     /// Rebuilds the derived name index after loading `vms`.
-    ///
-    /// Also rebuilds every host's `vm_ids` from the VMs' `host_id`: the store keeps host rows
-    /// without that list (it grows with every VM placed, and rewriting it on each placement
-    /// made a write cost grow with the host's VM count).
     pub fn rebuild_index(&mut self) {
         self.vm_names = self
             .vms
             .values()
             .map(|v| (v.name.clone(), v.id.clone()))
             .collect();
-        for h in self.hosts.values_mut() {
-            h.vm_ids.clear();
-        }
-        for v in self.vms.values() {
-            if let Some(h) = self.hosts.get_mut(&v.host_id) {
-                h.vm_ids.push(v.id.clone());
-            }
-        }
-        for h in self.hosts.values_mut() {
-            h.vm_ids.sort();
-        }
     }
 
     /// Applies `cmd` committed at `index`. On error nothing changed. Returns the reply, the
@@ -402,23 +387,10 @@ impl ClusterState {
         index: u64,
         cmd: &Command,
     ) -> Result<(Reply, Vec<Key>, Vec<Event>), StateError> {
-        self.apply_at(index, 0, cmd)
-    }
-
-    /// Applies `cmd`, the `sub`-th command of the batch committed at `index` (one log entry
-    /// carries a batch of client writes). New records are named `vm-<index>` / `mig-<index>`
-    /// for the first command of an entry and `vm-<index>-<sub>` for the later ones, so names
-    /// stay unique and deterministic. On error nothing changed.
-    pub fn apply_at(
-        &mut self,
-        index: u64,
-        sub: usize,
-        cmd: &Command,
-    ) -> Result<(Reply, Vec<Key>, Vec<Event>), StateError> {
         validate(cmd)?;
         let mut keys = Vec::new();
         let mut events = Vec::new();
-        let reply = self.apply_inner(index, sub, cmd, &mut keys, &mut events)?;
+        let reply = self.apply_inner(index, cmd, &mut keys, &mut events)?;
         for e in &mut events {
             self.event_seq += 1;
             e.seq = self.event_seq;
@@ -451,7 +423,6 @@ impl ClusterState {
     fn apply_inner(
         &mut self,
         index: u64,
-        sub: usize,
         cmd: &Command,
         keys: &mut Vec<Key>,
         events: &mut Vec<Event>,
@@ -559,7 +530,7 @@ impl ClusterState {
                     scheduler::place(&self.hosts, &self.vms, &req, *policy).map_err(|r| {
                         StateError::NoCapacity(format!("{} hosts: {r}", self.hosts.len()))
                     })?;
-                let id = record_id("vm", index, sub);
+                let id = format!("vm-{index}");
                 let vm = Vm {
                     id: id.clone(),
                     name: name.clone(),
@@ -675,7 +646,7 @@ impl ClusterState {
                     }
                     target_host.clone()
                 };
-                let id = record_id("mig", index, sub);
+                let id = format!("mig-{index}");
                 let m = Migration {
                     id: id.clone(),
                     vm_id: vm_id.clone(),
@@ -817,15 +788,6 @@ impl ClusterState {
     }
 }
 
-/// `PREFIX-INDEX` for the first command of a log entry, `PREFIX-INDEX-SUB` for later ones.
-fn record_id(prefix: &str, index: u64, sub: usize) -> String {
-    if sub == 0 {
-        format!("{prefix}-{index}")
-    } else {
-        format!("{prefix}-{index}-{sub}")
-    }
-}
-
 fn insert_sorted(v: &mut Vec<String>, id: &str) {
     if let Err(pos) = v.binary_search_by(|x| x.as_str().cmp(id)) {
         v.insert(pos, id.to_string());
@@ -916,36 +878,6 @@ mod tests {
         assert!(s.vms.is_empty());
         assert_eq!(s.hosts["h1"].allocated, Resources::default());
         assert!(s.hosts["h1"].vm_ids.is_empty());
-    }
-
-    #[test]
-    fn batched_commands_get_distinct_ids_and_vm_lists_rebuild() {
-        let mut s = ClusterState::default();
-        s.apply(1, &reg("h1", 8, 8192)).unwrap();
-        s.apply(2, &reg("h2", 8, 8192)).unwrap();
-        // Three writes in the entry at index 3.
-        let ids: Vec<String> = ["a", "b", "c"]
-            .iter()
-            .enumerate()
-            .map(
-                |(sub, n)| match s.apply_at(3, sub, &create(n, 1, 64)).unwrap() {
-                    (Reply::Vm(v), _, _) => v.id,
-                    other => panic!("{other:?}"),
-                },
-            )
-            .collect();
-        assert_eq!(ids, ["vm-3", "vm-3-1", "vm-3-2"]);
-        // A refused command inside a batch changes nothing.
-        let before = s.clone();
-        assert!(s.apply_at(3, 3, &create("a", 1, 64)).is_err());
-        assert_eq!(s, before);
-        // Host rows are stored without vm_ids: rebuilding derives the same lists.
-        let mut reloaded = s.clone();
-        for h in reloaded.hosts.values_mut() {
-            h.vm_ids.clear();
-        }
-        reloaded.rebuild_index();
-        assert_eq!(reloaded, s);
     }
 
     #[test]

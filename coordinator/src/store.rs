@@ -37,7 +37,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use crate::state::{ClusterState, Command, Event, Host, Key, Reply, StateError};
+use crate::state::{ClusterState, Command, Event, Key, Reply, StateError};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -53,24 +53,15 @@ const EVENTS_KEPT: usize = 4096;
 openraft::declare_raft_types!(
     /// openraft's type configuration for the coordinator.
     pub TypeConfig:
-        D = Proposal,
+        D = Command,
         R = Applied,
         NodeId = u64,
         Node = BasicNode,
 );
 
-/// The payload of one normal log entry: a batch of client commands, applied in order, each
-/// on its own (one refused command changes nothing and does not affect the others). The leader
-/// packs the writes that queued while its previous entry was being made durable into one entry,
-/// so that one fsync on each node commits them all (openraft 0.9 appends each entry to the log,
-/// and waits for its flush, one at a time).
+/// The result of applying one log entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Proposal(pub Vec<Command>);
-
-/// The result of applying one log entry: one result per command of its [`Proposal`]
-/// (none for blank and membership entries).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Applied(pub Vec<Result<Reply, StateError>>);
+pub struct Applied(pub Result<Reply, StateError>);
 
 /// Node id.
 pub type NodeId = u64;
@@ -403,20 +394,6 @@ pub fn unframe_snapshot(data: &[u8]) -> Result<ClusterState, StoreError> {
     Ok(state)
 }
 
-/// A host's row: the record without `vm_ids`, which [`ClusterState::rebuild_index`] derives
-/// from the VM rows at load (so placing a VM rewrites two small rows, not a list of them all).
-fn host_row(h: &Host) -> Vec<u8> {
-    to_json(&Host {
-        id: h.id.clone(),
-        address: h.address.clone(),
-        capacity: h.capacity,
-        allocated: h.allocated,
-        labels: h.labels.clone(),
-        state: h.state,
-        vm_ids: Vec::new(),
-    })
-}
-
 fn row_key(k: &Key) -> String {
     match k {
         Key::Host(id) => format!("host/{id}"),
@@ -490,7 +467,7 @@ impl StateMachineStore {
             let mut t = tx.open_table(SM).map_err(any)?;
             t.retain(|_, _| false).map_err(any)?;
             for (id, h) in &state.hosts {
-                t.insert(format!("host/{id}").as_str(), host_row(h).as_slice())
+                t.insert(format!("host/{id}").as_str(), to_json(h).as_slice())
                     .map_err(any)?;
             }
             for (id, v) in &state.vms {
@@ -536,25 +513,19 @@ impl StateMachineStore {
             for e in entries {
                 g.applied = Some(e.log_id);
                 match e.payload {
-                    EntryPayload::Blank => out.push(Applied(Vec::new())),
+                    EntryPayload::Blank => out.push(Applied(Ok(Reply::Empty))),
                     EntryPayload::Membership(m) => {
                         g.membership = StoredMembership::new(Some(e.log_id), m);
-                        out.push(Applied(Vec::new()));
+                        out.push(Applied(Ok(Reply::Empty)));
                     }
-                    EntryPayload::Normal(Proposal(cmds)) => {
-                        let mut results = Vec::with_capacity(cmds.len());
-                        for (sub, cmd) in cmds.iter().enumerate() {
-                            match g.state.apply_at(e.log_id.index, sub, cmd) {
-                                Ok((reply, keys, evs)) => {
-                                    touched.extend(keys);
-                                    events.extend(evs);
-                                    results.push(Ok(reply));
-                                }
-                                Err(err) => results.push(Err(err)),
-                            }
+                    EntryPayload::Normal(cmd) => match g.state.apply(e.log_id.index, &cmd) {
+                        Ok((reply, keys, evs)) => {
+                            touched.extend(keys);
+                            events.extend(evs);
+                            out.push(Applied(Ok(reply)));
                         }
-                        out.push(Applied(results));
-                    }
+                        Err(err) => out.push(Applied(Err(err))),
+                    },
                 }
             }
             touched.sort();
@@ -563,7 +534,7 @@ impl StateMachineStore {
                 .iter()
                 .map(|k| {
                     let v = match k {
-                        Key::Host(id) => g.state.hosts.get(id).map(host_row),
+                        Key::Host(id) => g.state.hosts.get(id).map(to_json),
                         Key::Vm(id) => g.state.vms.get(id).map(to_json),
                         Key::Migration(id) => g.state.migrations.get(id).map(to_json),
                     };
