@@ -13,7 +13,7 @@ for p in qemu-system-x86 busybox-static cpio lz4 gzip clang-19 llvm-19 libbpf-de
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 # The coordinator benchmark's reference: a 3-member etcd on loopback.
-for p in etcd-server; do
+for p in etcd-server etcd-client; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then
