@@ -54,10 +54,11 @@ max_memory_mib = 0
 # this agent's certificate and key).
 # cert_dir = "/etc/novacron/cluster"
 # How VMs started here track the pages their guests dirty, fixed when a VM starts:
-# "ring" (the per-vCPU dirty ring, which also enforces a migration's dirty-rate limit page
-# by page; hosts without it fall back to the log), "log" (KVM_GET_DIRTY_LOG) or
-# "manual-protect" (KVM_GET_DIRTY_LOG plus KVM_CLEAR_DIRTY_LOG).
-# dirty_tracking = "ring"
+# "log" (KVM_GET_DIRTY_LOG), "manual-protect" (KVM_GET_DIRTY_LOG plus KVM_CLEAR_DIRTY_LOG)
+# or "ring" (the per-vCPU dirty ring, which enforces a migration's dirty-rate limit page by
+# page; experimental: a missed page was seen in testing on PVM; hosts without it fall back
+# to the log).
+# dirty_tracking = "log"
 
 # Other agents' migration listeners by name ("host:port"); `novacronctl vm migrate VM
 # --to NAME` picks one.

@@ -172,18 +172,6 @@ fn a_busy_guest_migrates_with_random_writes() {
 }
 
 #[test]
-fn a_busy_guest_migrates_with_the_dirty_ring() {
-    // A small ring, so that the vCPU stops to harvest it many times per round: no page may
-    // be missed between a vCPU's harvest and the round's.
-    migrate_and_check_tracking(
-        "nc.mem=32 nc.rate=20000 nc.pattern=random",
-        20_000,
-        DirtyTracking::Ring,
-        256,
-    );
-}
-
-#[test]
 fn a_busy_guest_migrates_with_manual_protect() {
     migrate_and_check_tracking(
         "nc.mem=32 nc.rate=20000 nc.pattern=seq",
@@ -191,17 +179,6 @@ fn a_busy_guest_migrates_with_manual_protect() {
         DirtyTracking::ManualProtect,
         0,
     );
-}
-
-#[test]
-fn an_unlimited_writer_converges_on_the_dirty_ring() {
-    let p = migrate_and_check_tracking(
-        "nc.mem=32 nc.rate=0 nc.pattern=hot nc.hot=4096",
-        20_000,
-        DirtyTracking::Ring,
-        0,
-    );
-    assert!(p.pages_per_round.len() >= 2, "{p:?}");
 }
 
 #[test]

@@ -53,19 +53,21 @@ pub const DEFAULT_RING_ENTRIES: u32 = 16_384;
 
 /// How a VM tracks the pages its guest dirties.
 ///
-/// The default is the ring: on the PVM host all three harvest in well under a millisecond
-/// (`cargo bench --bench dirty`), the guest keeps a higher write rate under the ring at high
-/// dirty rates, and only the ring can hold a guest to a dirty-rate limit page by page
-/// instead of pausing all its vCPUs. A host without the ring falls back to the log.
+/// The default is the log. On the PVM host all three harvest in well under a millisecond
+/// (`cargo bench --bench dirty`), and the ring kept the guest writing faster under tracking
+/// and holds a dirty-rate limit page by page; but one migration test on the ring (a 256-entry
+/// ring that fills many times a round) ended with a destination checksum mismatch in about
+/// one run of four, a missed dirty page whose cause is not found yet (suspect: the host's
+/// re-protection on `KVM_RESET_DIRTY_RINGS`). Until it is, the ring is opt-in and warns.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DirtyTracking {
     /// `KVM_GET_DIRTY_LOG`, which re-protects as it reads.
+    #[default]
     Log,
     /// `KVM_GET_DIRTY_LOG` plus `KVM_CLEAR_DIRTY_LOG` (manual protect).
     ManualProtect,
-    /// The per-vCPU dirty ring.
-    #[default]
+    /// The per-vCPU dirty ring (experimental: see above).
     Ring,
 }
 
@@ -133,7 +135,16 @@ pub(crate) fn enable(
             tracing::warn!("this host's KVM has no {cap}; tracking dirty pages with the log");
             Ok((DirtyTracking::Log, 0))
         }
-        other => other.map(|entries| (mode, entries)),
+        Ok(entries) => {
+            if mode == DirtyTracking::Ring {
+                tracing::warn!(
+                    "dirty ring enabled: experimental, a missed page was seen in testing; \
+                     use dirty_tracking = \"log\" for migrations that must not lose a write"
+                );
+            }
+            Ok((mode, entries))
+        }
+        Err(e) => Err(e),
     }
 }
 
