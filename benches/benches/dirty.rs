@@ -30,6 +30,18 @@ struct Measured {
     rate_tracked: f64,
 }
 
+/// What each case reports: metric, unit, and how to read it from a measurement.
+type Metric = (&'static str, &'static str, fn(&Measured) -> f64);
+const METRICS: [Metric; 7] = [
+    ("enable", "ms", |m| m.enable_ms),
+    ("harvest_p50", "ms", |m| m.harvest_p50_ms),
+    ("harvest_max", "ms", |m| m.harvest_max_ms),
+    ("final_harvest_paused", "ms", |m| m.final_ms),
+    ("final_harvest_pages", "pages", |m| m.final_pages as f64),
+    ("guest_rate_untracked", "pages/s", |m| m.rate_untracked),
+    ("guest_rate_tracked", "pages/s", |m| m.rate_tracked),
+];
+
 fn config(dir: &std::path::Path, memory_mib: u64, rate: u64, mode: DirtyTracking) -> VmConfig {
     VmConfig {
         id: "dirty".into(),
@@ -157,62 +169,14 @@ fn main() {
                         continue;
                     }
                 };
-                let refd = |f: fn(&Measured) -> f64| {
-                    reference
+                let c = format!("{case} {name}");
+                for (metric, unit, f) in METRICS {
+                    let reference = reference
                         .as_ref()
                         .filter(|_| mode != DirtyTracking::Log)
-                        .map(|r| ("dirty-log", f(r)))
-                };
-                let c = format!("{case} {name}");
-                records.push(Record::num(
-                    &c,
-                    "enable",
-                    "ms",
-                    m.enable_ms,
-                    refd(|r| r.enable_ms),
-                ));
-                records.push(Record::num(
-                    &c,
-                    "harvest_p50",
-                    "ms",
-                    m.harvest_p50_ms,
-                    refd(|r| r.harvest_p50_ms),
-                ));
-                records.push(Record::num(
-                    &c,
-                    "harvest_max",
-                    "ms",
-                    m.harvest_max_ms,
-                    refd(|r| r.harvest_max_ms),
-                ));
-                records.push(Record::num(
-                    &c,
-                    "final_harvest_paused",
-                    "ms",
-                    m.final_ms,
-                    refd(|r| r.final_ms),
-                ));
-                records.push(Record::num(
-                    &c,
-                    "final_harvest_pages",
-                    "pages",
-                    m.final_pages as f64,
-                    refd(|r| r.final_pages as f64),
-                ));
-                records.push(Record::num(
-                    &c,
-                    "guest_rate_untracked",
-                    "pages/s",
-                    m.rate_untracked,
-                    refd(|r| r.rate_untracked),
-                ));
-                records.push(Record::num(
-                    &c,
-                    "guest_rate_tracked",
-                    "pages/s",
-                    m.rate_tracked,
-                    refd(|r| r.rate_tracked),
-                ));
+                        .map(|r| ("dirty-log", f(r)));
+                    records.push(Record::num(&c, metric, unit, f(&m), reference));
+                }
                 if mode == DirtyTracking::Log {
                     reference = Some(m);
                 }
