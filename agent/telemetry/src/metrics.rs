@@ -54,16 +54,7 @@ impl Fam<'_, '_> {
         unit: Option<Unit>,
         rows: &[(Labels, f64)],
     ) -> std::fmt::Result {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut m = self
-            .enc
-            .encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
-        for (l, v) in rows {
-            ConstCounter::new(*v).encode(m.encode_family(l)?)?;
-        }
-        Ok(())
+        self.scalar(name, help, unit, MetricType::Counter, rows)
     }
 
     fn gauge(
@@ -73,14 +64,32 @@ impl Fam<'_, '_> {
         unit: Option<Unit>,
         rows: &[(Labels, f64)],
     ) -> std::fmt::Result {
+        self.scalar(name, help, unit, MetricType::Gauge, rows)
+    }
+
+    /// One family of counters or gauges; nothing at all when there are no rows.
+    fn scalar(
+        &mut self,
+        name: &str,
+        help: &str,
+        unit: Option<Unit>,
+        kind: MetricType,
+        rows: &[(Labels, f64)],
+    ) -> std::fmt::Result {
         if rows.is_empty() {
             return Ok(());
         }
+        let counter = matches!(kind, MetricType::Counter);
         let mut m = self
             .enc
-            .encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?;
+            .encode_descriptor(name, help, unit.as_ref(), kind)?;
         for (l, v) in rows {
-            ConstGauge::new(*v).encode(m.encode_family(l)?)?;
+            let e = m.encode_family(l)?;
+            if counter {
+                ConstCounter::new(*v).encode(e)?;
+            } else {
+                ConstGauge::new(*v).encode(e)?;
+            }
         }
         Ok(())
     }
