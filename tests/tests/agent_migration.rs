@@ -148,19 +148,7 @@ async fn list(c: &mut Client) -> Vec<pb::Vm> {
 
 /// Creates and starts a test-guest VM and waits for its guest to write.
 async fn start_guest_vm(c: &mut Client, name: &str, cmdline: &str) -> pb::Vm {
-    let vm = c
-        .create_vm(pb::CreateVmRequest {
-            name: name.into(),
-            vcpus: Some(1),
-            memory_mib: MEMORY_MIB,
-            cmdline: cmdline.into(),
-            test_guest: true,
-            start: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateVm {name}: {e}"))
-        .into_inner();
+    let vm = common::start_test_guest(c, name, MEMORY_MIB, cmdline).await;
     assert_eq!(vm.state, "running", "{vm:?}");
     wait_pages_above(c, name, 500, WAIT).await;
     vm

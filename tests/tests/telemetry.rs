@@ -65,18 +65,7 @@ async fn start_agent(telemetry: Option<TelemetryConfig>) -> TestAgent {
 }
 
 async fn create(c: &mut Client, name: &str, cmdline: &str) -> pb::Vm {
-    c.create_vm(pb::CreateVmRequest {
-        name: name.into(),
-        vcpus: Some(1),
-        memory_mib: 32,
-        cmdline: cmdline.into(),
-        test_guest: true,
-        start: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("CreateVm {name}: {e}"))
-    .into_inner()
+    common::start_test_guest(c, name, 32, cmdline).await
 }
 
 async fn metrics(c: &mut Client, vm: &str) -> pb::VmMetrics {

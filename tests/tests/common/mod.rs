@@ -40,6 +40,27 @@ pub async fn guest(c: &mut Client, vm: &str) -> pb::GuestStatus {
         .into_inner()
 }
 
+/// Creates and starts a one-vCPU test-guest VM of `memory_mib` running `cmdline`.
+pub async fn start_test_guest(
+    c: &mut Client,
+    name: &str,
+    memory_mib: u64,
+    cmdline: &str,
+) -> pb::Vm {
+    c.create_vm(pb::CreateVmRequest {
+        name: name.into(),
+        vcpus: Some(1),
+        memory_mib,
+        cmdline: cmdline.into(),
+        test_guest: true,
+        start: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("CreateVm {name}: {e}"))
+    .into_inner()
+}
+
 /// Waits (at most `wait`) until the guest has registered and written more than `above`
 /// pages; returns the count it reported.
 pub async fn wait_pages_above(c: &mut Client, vm: &str, above: u64, wait: Duration) -> u64 {
