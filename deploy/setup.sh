@@ -12,6 +12,10 @@ need_pkgs=()
 for p in qemu-system-x86 busybox-static cpio lz4 gzip clang-19 llvm-19 libbpf-dev bpftool prometheus; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
+# The coordinator benchmark's reference: a 3-member etcd on loopback.
+for p in etcd-server etcd-client; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
 if ((${#need_pkgs[@]})); then
     echo "setup: installing ${need_pkgs[*]}"
     apt-get update -qq

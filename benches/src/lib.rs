@@ -154,3 +154,9 @@ pub fn rss_outside_guest_kib(pid: u32, guest_bytes: u64) -> Option<u64> {
     }
     Some(total - guest)
 }
+
+/// The etcd v3 KV client (`etcdserverpb.KV/Put` only): the coordinator benchmark's reference.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}

@@ -11,3 +11,12 @@ pub mod agent {
         tonic::include_proto!("novacron.agent.v1");
     }
 }
+
+/// The site coordinator's API and its coordinator-to-coordinator Raft transport.
+pub mod coordinator {
+    /// Version 1 of `novacron.coordinator.v1`.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod v1 {
+        tonic::include_proto!("novacron.coordinator.v1");
+    }
+}

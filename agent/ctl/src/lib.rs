@@ -2,6 +2,8 @@
 //! agent's unix socket (the binary is `src/main.rs`).
 #![deny(missing_docs)]
 
+pub mod coordinator;
+
 use std::path::Path;
 
 use hyper_util::rt::TokioIo;

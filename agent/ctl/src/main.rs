@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tonic::transport::Channel;
 
+use novacron_ctl::coordinator;
 use novacron_ctl::{
     connect, migration_progress_line, migration_summary, vm_details, vm_table, MigrationJson,
     VmJson,
@@ -27,6 +28,15 @@ struct Cli {
         value_name = "PATH"
     )]
     socket: PathBuf,
+    /// The site coordinator's gRPC endpoint (hosts, vms, migrations, events, cluster).
+    #[arg(
+        long,
+        global = true,
+        env = "NOVACRON_COORDINATOR",
+        default_value = "127.0.0.1:7400",
+        value_name = "HOST:PORT"
+    )]
+    coordinator: String,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -47,6 +57,27 @@ enum Top {
     /// Manage VMs.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Hosts known to the site coordinator.
+    #[command(subcommand)]
+    Hosts(coordinator::HostsCmd),
+    /// VM records of the site coordinator (what should run where).
+    #[command(subcommand)]
+    Vms(coordinator::VmsCmd),
+    /// Migration operations of the site coordinator.
+    #[command(subcommand)]
+    Migrations(coordinator::MigrationsCmd),
+    /// The site coordinator's event stream.
+    Events {
+        /// From this sequence number (0 = the oldest kept).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Stop after this many events (0 = follow).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+    },
+    /// The coordinator cluster's membership.
+    #[command(subcommand)]
+    Cluster(coordinator::ClusterCmd),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -234,7 +265,18 @@ fn absolute(p: Option<PathBuf>) -> anyhow::Result<String> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let Top::Vm(cmd) = cli.command;
+    let json = cli.output == Output::Json;
+    let coord = |c| coordinator::run(&cli.coordinator, json, c);
+    let cmd = match cli.command {
+        Top::Vm(cmd) => cmd,
+        Top::Hosts(c) => return coord(coordinator::Command::Hosts(c)).await,
+        Top::Vms(c) => return coord(coordinator::Command::Vms(c)).await,
+        Top::Migrations(c) => return coord(coordinator::Command::Migrations(c)).await,
+        Top::Events { from, limit } => {
+            return coord(coordinator::Command::Events { from, limit }).await
+        }
+        Top::Cluster(c) => return coord(coordinator::Command::Cluster(c)).await,
+    };
     let mut c: AgentServiceClient<Channel> = connect(&cli.socket).await?;
     let out = cli.output;
     let r = |s: String| pb::VmRef { id_or_name: s };

@@ -1,0 +1,17 @@
+//! NovaCron's site coordinator: the replicated state of hosts, VMs and migrations (openraft on a
+//! durable `redb` store), placement, and the public gRPC API.
+//!
+//! Modules, from the inside out: [`state`] (the pure state machine), [`scheduler`] (placement),
+//! [`store`] (durable Raft log + state machine), [`network`] (Raft over gRPC), [`node`] (leader
+//! forwarding, read freshness, host liveness), [`api`] (the public gRPC adapter), [`server`]
+//! (wiring it all up).
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod network;
+pub mod node;
+pub mod scheduler;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod testing;

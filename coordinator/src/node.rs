@@ -1,0 +1,573 @@
+//! One coordinator: the Raft node, leader forwarding, freshness of reads, and host liveness.
+//!
+//! Knows nothing of the public gRPC API (`api` adapts it). Writes go to the leader: a follower
+//! forwards them over the Raft transport. A leader that has not heard from a quorum within
+//! `2 × election timeout` (and cannot confirm it with one heartbeat round) refuses writes
+//! before proposing anything, so a minority never takes a write it cannot commit.
+//!
+//! Host liveness is in memory on the leader: a heartbeat updates `last seen` and utilisation
+//! there and writes nothing to Raft. Only transitions go through Raft: a host not seen for
+//! `down_after` becomes Down (its VM records stay), and a heartbeat from a Down host brings it Up.
+//! A new leader starts every host's clock afresh, so a failover never marks hosts down.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use novacron_proto::coordinator::v1::raft_transport_client::RaftTransportClient;
+use novacron_proto::coordinator::v1::RaftPayload;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Raft, ServerState};
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
+
+use crate::scheduler::Policy;
+use crate::state::{Command, HostState, Reply, StateError};
+use crate::store::{Applying, NodeId, StateMachineStore, TypeConfig};
+
+/// Errors of the coordinator core; mapped to gRPC status codes in `api::status`.
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+pub enum CoreError {
+    /// The state machine refused the command (nothing changed).
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// No leader is known, or the leader has lost its quorum.
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
+    /// The leader could not be reached to forward the request.
+    #[error("leader {leader} at {addr} unreachable: {reason}")]
+    LeaderUnreachable {
+        /// Leader id.
+        leader: NodeId,
+        /// Its address.
+        addr: String,
+        /// Transport error.
+        reason: String,
+    },
+    /// The write was proposed but not known to be committed in time; it may still commit.
+    #[error("write not confirmed within {0:?}; it may or may not have been applied")]
+    Uncertain(Duration),
+    /// A membership change failed.
+    #[error("membership change: {0}")]
+    Membership(String),
+    /// Raft is shutting down or failed.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Requests a follower hands to the leader.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardRequest {
+    /// A write.
+    Write(Command),
+    /// A host heartbeat (in memory on the leader).
+    Heartbeat(Heartbeat),
+    /// Confirm leadership and return the index a linearizable read must wait for.
+    ReadIndex,
+    /// Add a voter.
+    AddMember(NodeId, String),
+    /// Remove a voter.
+    RemoveMember(NodeId),
+}
+
+/// The leader's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardReply {
+    /// Write applied at this index.
+    Written(Reply, u64, NodeId),
+    /// Heartbeat taken.
+    Heartbeat(HostState, NodeId),
+    /// Read index.
+    ReadIndex(u64, NodeId),
+    /// Membership changed.
+    Members,
+    /// Failed.
+    Error(CoreError),
+}
+
+/// What a host reports every few seconds; kept in memory on the leader.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Heartbeat {
+    /// Host id.
+    pub host_id: String,
+    /// CPU utilisation 0..1.
+    pub cpu_utilisation: f64,
+    /// Memory used.
+    pub memory_used_mib: u64,
+    /// VMs the agent runs (for reconciliation).
+    pub running_vms: Vec<String>,
+}
+
+/// In-memory liveness of one host on the leader.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    /// Last heartbeat (or when this node became leader).
+    pub last_seen: Instant,
+    /// Last report, if any since this node became leader.
+    pub last: Option<Heartbeat>,
+}
+
+/// Tunables.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// This node.
+    pub id: NodeId,
+    /// gRPC address peers and clients use.
+    pub addr: String,
+    /// Placement policy.
+    pub policy: Policy,
+    /// Heartbeat interval told to agents.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a host is Down.
+    pub down_after: Duration,
+    /// How long a write may wait for its commit.
+    pub write_timeout: Duration,
+    /// Election timeout minimum (ms).
+    pub election_timeout_ms: u64,
+}
+
+/// How fresh a read is.
+#[derive(Debug, Clone, Copy)]
+pub struct Freshness {
+    /// Applied index when read.
+    pub applied_index: u64,
+    /// Served by the leader.
+    pub served_by_leader: bool,
+    /// Known leader.
+    pub leader_id: NodeId,
+    /// This node.
+    pub node_id: NodeId,
+    /// Confirmed with a quorum.
+    pub linearizable: bool,
+}
+
+/// One coordinator node.
+pub struct Node {
+    /// The Raft handle.
+    pub raft: Raft<TypeConfig>,
+    /// The state machine (shared state, events, applied index).
+    pub sm: StateMachineStore,
+    /// Tunables.
+    pub opts: Options,
+    liveness: Mutex<HashMap<String, Liveness>>,
+    peers: Mutex<HashMap<String, RaftTransportClient<Channel>>>,
+    quorum_ok_at: Mutex<Option<Instant>>,
+}
+
+impl Node {
+    /// Wraps a started Raft node.
+    pub fn new(raft: Raft<TypeConfig>, sm: StateMachineStore, opts: Options) -> Arc<Node> {
+        Arc::new(Node {
+            raft,
+            sm,
+            opts,
+            liveness: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            quorum_ok_at: Mutex::new(None),
+        })
+    }
+
+    /// The leader as this node knows it, with its address.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())?;
+        Some((id, addr))
+    }
+
+    fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.opts.id)
+    }
+
+    /// Refuses, before proposing anything, when this leader cannot confirm within
+    /// `2 × election timeout` that a majority still follows it. Under load every commit
+    /// confirms it, so the check costs nothing; an idle leader confirms with one heartbeat round.
+    async fn check_quorum(&self) -> Result<(), CoreError> {
+        let voters = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count();
+        if voters <= 1 {
+            return Ok(());
+        }
+        let limit = Duration::from_millis(2 * self.opts.election_timeout_ms.max(1));
+        if let Some(t) = *self.quorum_ok_at.lock().expect("quorum lock") {
+            if t.elapsed() < limit {
+                return Ok(());
+            }
+        }
+        match tokio::time::timeout(limit, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => {
+                self.confirm_quorum();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(CoreError::NoQuorum(format!(
+                "node {} is not the leader of a majority of the {voters} voters: {e}",
+                self.opts.id
+            ))),
+            Err(_) => Err(CoreError::NoQuorum(format!(
+                "leader {} could not confirm its leadership with a majority of the {voters} voters within {} ms",
+                self.opts.id,
+                limit.as_millis()
+            ))),
+        }
+    }
+
+    fn confirm_quorum(&self) {
+        *self.quorum_ok_at.lock().expect("quorum lock") = Some(Instant::now());
+    }
+
+    fn no_leader(&self) -> CoreError {
+        let m = self.raft.metrics().borrow().clone();
+        let voters = m.membership_config.membership().voter_ids().count();
+        CoreError::NoQuorum(format!(
+            "node {} knows no leader ({:?}, term {}); a majority of the {voters} voters is not reachable or an election is under way",
+            self.opts.id, m.state, m.current_term
+        ))
+    }
+
+    fn peer(&self, addr: &str) -> Result<RaftTransportClient<Channel>, CoreError> {
+        let mut peers = self.peers.lock().expect("peers lock");
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = crate::network::channel(addr, self.opts.write_timeout + Duration::from_secs(1))
+            .map_err(|e| CoreError::Raft(format!("peer address {addr:?}: {e}")))?;
+        let c = RaftTransportClient::new(ch);
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    async fn forward(&self, req: ForwardRequest) -> Result<ForwardReply, CoreError> {
+        let Some((leader, addr)) = self.leader() else {
+            return Err(self.no_leader());
+        };
+        if leader == self.opts.id {
+            return Ok(self.handle_forwarded(req).await);
+        }
+        let mut client = self.peer(&addr)?;
+        let payload = RaftPayload {
+            json: serde_json::to_vec(&req).expect("forward request serializes"),
+        };
+        let reply = client
+            .forward(payload)
+            .await
+            .map_err(|s| CoreError::LeaderUnreachable {
+                leader,
+                addr: addr.clone(),
+                reason: s.message().to_string(),
+            })?
+            .into_inner();
+        let r: ForwardReply = serde_json::from_slice(&reply.json)
+            .map_err(|e| CoreError::Raft(format!("undecodable reply from leader {leader}: {e}")))?;
+        match r {
+            ForwardReply::Error(e) => Err(e),
+            r => Ok(r),
+        }
+    }
+
+    /// Serves a request forwarded by a follower (or by this node to itself).
+    pub async fn handle_forwarded(&self, req: ForwardRequest) -> ForwardReply {
+        let r = match req {
+            ForwardRequest::Write(cmd) => self
+                .write_local(cmd)
+                .await
+                .map(|(r, i)| ForwardReply::Written(r, i, self.opts.id)),
+            ForwardRequest::Heartbeat(hb) => self
+                .heartbeat_local(hb)
+                .await
+                .map(|s| ForwardReply::Heartbeat(s, self.opts.id)),
+            ForwardRequest::ReadIndex => self
+                .read_index_local()
+                .await
+                .map(|i| ForwardReply::ReadIndex(i, self.opts.id)),
+            ForwardRequest::AddMember(id, addr) => self
+                .add_member_local(id, addr)
+                .await
+                .map(|_| ForwardReply::Members),
+            ForwardRequest::RemoveMember(id) => self
+                .remove_member_local(id)
+                .await
+                .map(|_| ForwardReply::Members),
+        };
+        r.unwrap_or_else(ForwardReply::Error)
+    }
+
+    /// Commits `cmd` through Raft (forwarding to the leader) and returns the reply and index.
+    pub async fn write(&self, cmd: Command) -> Result<(Reply, u64, NodeId), CoreError> {
+        crate::state::validate(&cmd)?;
+        if self.is_leader() {
+            let (r, i) = self.write_local(cmd).await?;
+            return Ok((r, i, self.opts.id));
+        }
+        match self.forward(ForwardRequest::Write(cmd)).await? {
+            ForwardReply::Written(r, i, l) => Ok((r, i, l)),
+            other => Err(CoreError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn write_local(&self, cmd: Command) -> Result<(Reply, u64), CoreError> {
+        if !self.is_leader() {
+            return Err(CoreError::NoQuorum(format!(
+                "node {} is no longer the leader",
+                self.opts.id
+            )));
+        }
+        self.check_quorum().await?;
+        let fut = self.raft.client_write(cmd);
+        let res = tokio::time::timeout(self.opts.write_timeout, fut)
+            .await
+            .map_err(|_| CoreError::Uncertain(self.opts.write_timeout))?;
+        match res {
+            Ok(resp) => {
+                self.confirm_quorum();
+                let reply = resp.data.0?;
+                Ok((reply, resp.log_id.index))
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(CoreError::NoQuorum(format!(
+                    "leadership moved to {:?} while writing; retry",
+                    f.leader_id
+                )))
+            }
+            Err(e) => Err(CoreError::Raft(e.to_string())),
+        }
+    }
+
+    /// Reads the state with freshness metadata; `consistent` waits for a linearizable point.
+    pub async fn read<T>(
+        &self,
+        consistent: bool,
+        f: impl FnOnce(&Applying) -> T,
+    ) -> Result<(T, Freshness), CoreError> {
+        let mut linearizable = false;
+        if consistent {
+            let (index, _) = if self.is_leader() {
+                (self.read_index_local().await?, self.opts.id)
+            } else {
+                match self.forward(ForwardRequest::ReadIndex).await? {
+                    ForwardReply::ReadIndex(i, l) => (i, l),
+                    other => return Err(CoreError::Raft(format!("unexpected reply {other:?}"))),
+                }
+            };
+            let mut rx = self.sm.applied_tx.subscribe();
+            tokio::time::timeout(self.opts.write_timeout, rx.wait_for(|a| *a >= index))
+                .await
+                .map_err(|_| {
+                    CoreError::NoQuorum(format!(
+                        "node {} did not catch up to index {index} in time",
+                        self.opts.id
+                    ))
+                })?
+                .map_err(|e| CoreError::Raft(e.to_string()))?;
+            linearizable = true;
+        }
+        let g = self.sm.shared.read().expect("state lock");
+        let leader = self.leader().map(|l| l.0).unwrap_or(0);
+        let fresh = Freshness {
+            applied_index: g.applied.map(|l| l.index).unwrap_or(0),
+            served_by_leader: leader == self.opts.id,
+            leader_id: leader,
+            node_id: self.opts.id,
+            linearizable,
+        };
+        Ok((f(&g), fresh))
+    }
+
+    async fn read_index_local(&self) -> Result<u64, CoreError> {
+        self.check_quorum().await?;
+        let r = tokio::time::timeout(self.opts.write_timeout, self.raft.ensure_linearizable())
+            .await
+            .map_err(|_| CoreError::NoQuorum("leadership not confirmed in time".into()))?;
+        match r {
+            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Err(e) => Err(CoreError::NoQuorum(e.to_string())),
+        }
+    }
+
+    /// Takes a heartbeat (forwarded to the leader; in memory there).
+    pub async fn heartbeat(&self, hb: Heartbeat) -> Result<(HostState, NodeId), CoreError> {
+        if self.is_leader() {
+            return Ok((self.heartbeat_local(hb).await?, self.opts.id));
+        }
+        match self.forward(ForwardRequest::Heartbeat(hb)).await? {
+            ForwardReply::Heartbeat(s, l) => Ok((s, l)),
+            other => Err(CoreError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn heartbeat_local(&self, hb: Heartbeat) -> Result<HostState, CoreError> {
+        let state = {
+            let g = self.sm.shared.read().expect("state lock");
+            g.state.hosts.get(&hb.host_id).map(|h| h.state)
+        };
+        let Some(state) = state else {
+            return Err(StateError::NotFound {
+                kind: "host".into(),
+                id: hb.host_id,
+            }
+            .into());
+        };
+        let id = hb.host_id.clone();
+        self.liveness.lock().expect("liveness lock").insert(
+            id.clone(),
+            Liveness {
+                last_seen: Instant::now(),
+                last: Some(hb),
+            },
+        );
+        if state == HostState::Down {
+            let (r, _) = self
+                .write_local(Command::SetHostState {
+                    id,
+                    state: HostState::Up,
+                })
+                .await?;
+            if let Reply::Host(h) = r {
+                return Ok(h.state);
+            }
+        }
+        Ok(state)
+    }
+
+    /// The leader's in-memory view of a host's liveness.
+    pub fn liveness(&self, host: &str) -> Option<Liveness> {
+        self.liveness
+            .lock()
+            .expect("liveness lock")
+            .get(host)
+            .cloned()
+    }
+
+    /// Marks silent hosts Down while this node leads. Runs forever.
+    pub async fn liveness_loop(self: Arc<Self>) {
+        let mut was_leader = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let leader = self.is_leader();
+            if leader && !was_leader {
+                // A new leader gives every host a full period before judging it.
+                let now = Instant::now();
+                let mut l = self.liveness.lock().expect("liveness lock");
+                l.clear();
+                let g = self.sm.shared.read().expect("state lock");
+                for id in g.state.hosts.keys() {
+                    l.insert(
+                        id.clone(),
+                        Liveness {
+                            last_seen: now,
+                            last: None,
+                        },
+                    );
+                }
+            }
+            was_leader = leader;
+            if !leader {
+                continue;
+            }
+            let silent: Vec<String> = {
+                let now = Instant::now();
+                let mut l = self.liveness.lock().expect("liveness lock");
+                let g = self.sm.shared.read().expect("state lock");
+                g.state
+                    .hosts
+                    .values()
+                    .filter(|h| h.state != HostState::Down)
+                    .filter(|h| {
+                        let e = l.entry(h.id.clone()).or_insert(Liveness {
+                            last_seen: now,
+                            last: None,
+                        });
+                        now.duration_since(e.last_seen) > self.opts.down_after
+                    })
+                    .map(|h| h.id.clone())
+                    .collect()
+            };
+            for id in silent {
+                tracing::warn!(host = %id, "missed heartbeats: marking down");
+                if let Err(e) = self
+                    .write_local(Command::SetHostState {
+                        id: id.clone(),
+                        state: HostState::Down,
+                    })
+                    .await
+                {
+                    tracing::warn!(host = %id, error = %e, "could not mark host down");
+                }
+            }
+        }
+    }
+
+    /// Adds a voter (learner first, then promotion), forwarding to the leader.
+    pub async fn add_member(&self, id: NodeId, addr: String) -> Result<(), CoreError> {
+        if self.is_leader() {
+            return self.add_member_local(id, addr).await;
+        }
+        self.forward(ForwardRequest::AddMember(id, addr))
+            .await
+            .map(|_| ())
+    }
+
+    async fn add_member_local(&self, id: NodeId, addr: String) -> Result<(), CoreError> {
+        self.check_quorum().await?;
+        self.raft
+            .add_learner(id, BasicNode { addr }, true)
+            .await
+            .map_err(|e| CoreError::Membership(e.to_string()))?;
+        let mut voters: BTreeSet<NodeId> = self.voters().into_keys().collect();
+        voters.insert(id);
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| CoreError::Membership(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Removes a voter, forwarding to the leader.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), CoreError> {
+        if self.is_leader() {
+            return self.remove_member_local(id).await;
+        }
+        self.forward(ForwardRequest::RemoveMember(id))
+            .await
+            .map(|_| ())
+    }
+
+    async fn remove_member_local(&self, id: NodeId) -> Result<(), CoreError> {
+        self.check_quorum().await?;
+        let mut voters: BTreeSet<NodeId> = self.voters().into_keys().collect();
+        if !voters.remove(&id) {
+            return Err(CoreError::Membership(format!("node {id} is not a voter")));
+        }
+        if voters.is_empty() {
+            return Err(CoreError::Membership(
+                "cannot remove the last voter".to_string(),
+            ));
+        }
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| CoreError::Membership(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Current voters and their addresses.
+    pub fn voters(&self) -> BTreeMap<NodeId, String> {
+        let m = self.raft.metrics().borrow().clone();
+        let mem = m.membership_config.membership();
+        mem.voter_ids()
+            .filter_map(|id| mem.get_node(&id).map(|n| (id, n.addr.clone())))
+            .collect()
+    }
+}

@@ -1,0 +1,730 @@
+//! Durable Raft storage in one `redb` file: the log, the vote, the state machine and its snapshot.
+//!
+//! Layout of `<dir>/raft.redb`:
+//!
+//! | table       | key                      | value                                   |
+//! |-------------|--------------------------|-----------------------------------------|
+//! | `log`       | log index (u64)          | openraft `Entry` (JSON)                 |
+//! | `meta`      | "vote", "committed", "purged" | JSON                               |
+//! | `sm`        | "host/ID", "vm/ID", "mig/ID" | record (JSON)                       |
+//! | `sm_meta`   | "applied", "membership", "event_seq" | JSON                         |
+//! | `snapshot`  | "meta", "data"           | SnapshotMeta (JSON), framed snapshot    |
+//!
+//! Durability: log appends, truncation, purges and votes commit with `Durability::Immediate`
+//! (fsync) *before* openraft is told the I/O completed, so the leader counts a follower's (and
+//! its own) acknowledgement only once the entry is on disk. State machine applies commit with
+//! `Durability::None`: they become durable with the next immediate commit (redb persists earlier
+//! non-durable commits with it), and after a crash the state machine is rebuilt from the last
+//! durable applied index by replaying the log, which is never purged beyond a snapshot that was
+//! committed durably first.
+//!
+//! Snapshot data: `NCSNAP01` magic, u32 version, u32 CRC-32 of the body, then the JSON body
+//! (the whole [`ClusterState`]). The loader checks all three before trusting the body.
+
+use std::collections::VecDeque;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StoredMembership, Vote,
+};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use crate::state::{ClusterState, Command, Event, Key, Reply, StateError};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const SM: TableDefinition<&str, &[u8]> = TableDefinition::new("sm");
+const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+const SNAP_MAGIC: &[u8; 8] = b"NCSNAP01";
+const SNAP_VERSION: u32 = 1;
+/// Events kept in memory for `WatchEvents` from an older sequence number.
+const EVENTS_KEPT: usize = 4096;
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for the coordinator.
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+        NodeId = u64,
+        Node = BasicNode,
+);
+
+/// The result of applying one log entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Applied(pub Result<Reply, StateError>);
+
+/// Node id.
+pub type NodeId = u64;
+type SErr = StorageError<NodeId>;
+
+/// Errors opening the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The redb file could not be opened or created.
+    #[error("open {path}: {source}")]
+    Open {
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: redb::DatabaseError,
+    },
+    /// A table or record could not be read at startup.
+    #[error("load {what}: {source}")]
+    Load {
+        /// What was loaded.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: AnyError,
+    },
+    /// The snapshot's frame is damaged.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+}
+
+/// `StorageError` constructors (openraft builds them from `StorageIOError`).
+mod io {
+    use openraft::storage::SnapshotSignature;
+    use openraft::{AnyError, StorageError, StorageIOError};
+
+    type E = StorageError<u64>;
+    pub fn read_logs(e: AnyError) -> E {
+        StorageIOError::read_logs(e).into()
+    }
+    pub fn write_logs(e: AnyError) -> E {
+        StorageIOError::write_logs(e).into()
+    }
+    pub fn write_vote(e: AnyError) -> E {
+        StorageIOError::write_vote(e).into()
+    }
+    pub fn read_vote(e: AnyError) -> E {
+        StorageIOError::read_vote(e).into()
+    }
+    pub fn write_state_machine(e: AnyError) -> E {
+        StorageIOError::write_state_machine(e).into()
+    }
+    pub fn write_snapshot(sig: Option<SnapshotSignature<u64>>, e: AnyError) -> E {
+        StorageIOError::write_snapshot(sig, e).into()
+    }
+    pub fn read_snapshot(sig: Option<SnapshotSignature<u64>>, e: AnyError) -> E {
+        StorageIOError::read_snapshot(sig, e).into()
+    }
+}
+
+fn any<E: std::error::Error + 'static>(e: E) -> AnyError {
+    AnyError::new(&e)
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("raft types serialize to JSON")
+}
+
+/// Opens (or creates) the store in `dir`.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let path = dir.join("raft.redb");
+    let db = Database::create(&path).map_err(|source| StoreError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let db = Arc::new(db);
+    let load = |what, e: AnyError| StoreError::Load { what, source: e };
+    // Create the tables so that readers never see them missing.
+    {
+        let tx = db.begin_write().map_err(|e| load("tables", any(e)))?;
+        for t in [META, SM, SM_META, SNAPSHOT] {
+            tx.open_table(t).map_err(|e| load("tables", any(e)))?;
+        }
+        tx.open_table(LOG).map_err(|e| load("tables", any(e)))?;
+        tx.commit().map_err(|e| load("tables", any(e)))?;
+    }
+    let sm = StateMachineStore::load(db.clone()).map_err(|e| load("state machine", e))?;
+    Ok((LogStore { db }, sm))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log store
+
+/// The Raft log and vote.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AnyError> {
+        let tx = self.db.begin_read().map_err(any)?;
+        let t = tx.open_table(META).map_err(any)?;
+        let Some(v) = t.get(key).map_err(any)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value()).map(Some).map_err(any)
+    }
+
+    /// Runs a write transaction with immediate durability on the blocking pool.
+    async fn write_durable<F>(&self, f: F) -> Result<(), AnyError>
+    where
+        F: FnOnce(&redb::WriteTransaction) -> Result<(), AnyError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut tx = db.begin_write().map_err(any)?;
+            tx.set_durability(Durability::Immediate).map_err(any)?;
+            f(&tx)?;
+            tx.commit().map_err(any)
+        })
+        .await
+        .map_err(any)?
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        let read = || -> Result<Vec<Entry<TypeConfig>>, AnyError> {
+            let tx = self.db.begin_read().map_err(any)?;
+            let t = tx.open_table(LOG).map_err(any)?;
+            let mut out = Vec::new();
+            for item in t.range(range.clone()).map_err(any)? {
+                let (_, v) = item.map_err(any)?;
+                out.push(serde_json::from_slice(v.value()).map_err(any)?);
+            }
+            Ok(out)
+        };
+        read().map_err(io::read_logs)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
+        let read = || -> Result<LogState<TypeConfig>, AnyError> {
+            let purged: Option<LogId<NodeId>> = self.get_meta("purged")?;
+            let tx = self.db.begin_read().map_err(any)?;
+            let t = tx.open_table(LOG).map_err(any)?;
+            let last = match t.last().map_err(any)? {
+                Some((_, v)) => {
+                    let e: Entry<TypeConfig> = serde_json::from_slice(v.value()).map_err(any)?;
+                    Some(e.log_id)
+                }
+                None => purged,
+            };
+            Ok(LogState {
+                last_purged_log_id: purged,
+                last_log_id: last,
+            })
+        };
+        read().map_err(io::read_logs)
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
+        let v = to_json(vote);
+        self.write_durable(move |tx| {
+            let mut t = tx.open_table(META).map_err(any)?;
+            t.insert("vote", v.as_slice()).map_err(any)?;
+            Ok(())
+        })
+        .await
+        .map_err(io::write_vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
+        self.get_meta("vote").map_err(io::read_vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
+        // Saved with the next durable commit; losing it only means re-learning it from the leader.
+        let v = to_json(&committed);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), AnyError> {
+            let mut tx = db.begin_write().map_err(any)?;
+            tx.set_durability(Durability::None).map_err(any)?;
+            {
+                let mut t = tx.open_table(META).map_err(any)?;
+                t.insert("committed", v.as_slice()).map_err(any)?;
+            }
+            tx.commit().map_err(any)
+        })
+        .await
+        .map_err(|e| io::write_logs(any(e)))?
+        .map_err(io::write_logs)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>("committed")
+            .map_err(io::read_logs)?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let rows: Vec<(u64, Vec<u8>)> = entries
+            .into_iter()
+            .map(|e| (e.log_id.index, to_json(&e)))
+            .collect();
+        let res = self
+            .write_durable(move |tx| {
+                let mut t = tx.open_table(LOG).map_err(any)?;
+                for (i, v) in &rows {
+                    t.insert(*i, v.as_slice()).map_err(any)?;
+                }
+                Ok(())
+            })
+            .await;
+        // Only now, after the fsync, does openraft learn that the entries are durable.
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(io::write_logs(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        self.write_durable(move |tx| {
+            let mut t = tx.open_table(LOG).map_err(any)?;
+            t.retain_in(log_id.index.., |_, _| false).map_err(any)?;
+            Ok(())
+        })
+        .await
+        .map_err(io::write_logs)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        let v = to_json(&log_id);
+        self.write_durable(move |tx| {
+            {
+                let mut m = tx.open_table(META).map_err(any)?;
+                m.insert("purged", v.as_slice()).map_err(any)?;
+            }
+            let mut t = tx.open_table(LOG).map_err(any)?;
+            t.retain_in(..=log_id.index, |_, _| false).map_err(any)?;
+            Ok(())
+        })
+        .await
+        .map_err(io::write_logs)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State machine
+
+/// The applied state as the API reads it.
+#[derive(Debug, Default)]
+pub struct Applying {
+    /// The replicated state.
+    pub state: ClusterState,
+    /// Last applied log id.
+    pub applied: Option<LogId<NodeId>>,
+    /// Last applied membership.
+    pub membership: StoredMembership<NodeId, BasicNode>,
+    /// Recent events, oldest first.
+    pub recent: VecDeque<Event>,
+}
+
+/// The state machine: in memory for reads, persisted row by row in redb.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    /// Shared with the API layer.
+    pub shared: Arc<RwLock<Applying>>,
+    /// Every applied event.
+    pub events: broadcast::Sender<Event>,
+    /// The last applied index (for waiting on freshness).
+    pub applied_tx: Arc<watch::Sender<u64>>,
+}
+
+fn frame_snapshot(state: &ClusterState) -> Vec<u8> {
+    let body = serde_json::to_vec(state).expect("state serializes");
+    let mut out = Vec::with_capacity(body.len() + 16);
+    out.extend_from_slice(SNAP_MAGIC);
+    out.extend_from_slice(&SNAP_VERSION.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Checks magic, version and checksum, then decodes the snapshot body.
+pub fn unframe_snapshot(data: &[u8]) -> Result<ClusterState, StoreError> {
+    if data.len() < 16 || &data[..8] != SNAP_MAGIC {
+        return Err(StoreError::Snapshot(format!(
+            "bad magic: expected {SNAP_MAGIC:?} in a frame of at least 16 bytes, got {} bytes",
+            data.len()
+        )));
+    }
+    let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
+    if version != SNAP_VERSION {
+        return Err(StoreError::Snapshot(format!(
+            "version {version}, expected {SNAP_VERSION}"
+        )));
+    }
+    let crc = u32::from_le_bytes(data[12..16].try_into().expect("4 bytes"));
+    let body = &data[16..];
+    if crc32fast::hash(body) != crc {
+        return Err(StoreError::Snapshot("checksum mismatch".into()));
+    }
+    let mut state: ClusterState =
+        serde_json::from_slice(body).map_err(|e| StoreError::Snapshot(format!("body: {e}")))?;
+    state.rebuild_index();
+    Ok(state)
+}
+
+fn row_key(k: &Key) -> String {
+    match k {
+        Key::Host(id) => format!("host/{id}"),
+        Key::Vm(id) => format!("vm/{id}"),
+        Key::Migration(id) => format!("mig/{id}"),
+    }
+}
+
+impl StateMachineStore {
+    fn load(db: Arc<Database>) -> Result<StateMachineStore, AnyError> {
+        let tx = db.begin_read().map_err(any)?;
+        let mut state = ClusterState::default();
+        let sm = tx.open_table(SM).map_err(any)?;
+        for item in sm.iter().map_err(any)? {
+            let (k, v) = item.map_err(any)?;
+            let (k, v) = (k.value().to_string(), v.value());
+            if let Some(id) = k.strip_prefix("host/") {
+                state
+                    .hosts
+                    .insert(id.into(), serde_json::from_slice(v).map_err(any)?);
+            } else if let Some(id) = k.strip_prefix("vm/") {
+                state
+                    .vms
+                    .insert(id.into(), serde_json::from_slice(v).map_err(any)?);
+            } else if let Some(id) = k.strip_prefix("mig/") {
+                state
+                    .migrations
+                    .insert(id.into(), serde_json::from_slice(v).map_err(any)?);
+            }
+        }
+        let meta = tx.open_table(SM_META).map_err(any)?;
+        let get = |k: &str| -> Result<Option<Vec<u8>>, AnyError> {
+            Ok(meta.get(k).map_err(any)?.map(|v| v.value().to_vec()))
+        };
+        let applied: Option<LogId<NodeId>> = match get("applied")? {
+            Some(v) => serde_json::from_slice(&v).map_err(any)?,
+            None => None,
+        };
+        let membership = match get("membership")? {
+            Some(v) => serde_json::from_slice(&v).map_err(any)?,
+            None => StoredMembership::default(),
+        };
+        if let Some(v) = get("event_seq")? {
+            state.event_seq = serde_json::from_slice(&v).map_err(any)?;
+        }
+        state.rebuild_index();
+        let index = applied.map(|l| l.index).unwrap_or(0);
+        Ok(StateMachineStore {
+            db,
+            shared: Arc::new(RwLock::new(Applying {
+                state,
+                applied,
+                membership,
+                recent: VecDeque::new(),
+            })),
+            events: broadcast::channel(EVENTS_KEPT).0,
+            applied_tx: Arc::new(watch::channel(index).0),
+        })
+    }
+
+    /// Replaces all state-machine rows with `state` (after installing a snapshot).
+    fn persist_all(
+        &self,
+        state: &ClusterState,
+        applied: Option<LogId<NodeId>>,
+        membership: &StoredMembership<NodeId, BasicNode>,
+    ) -> Result<(), AnyError> {
+        let mut tx = self.db.begin_write().map_err(any)?;
+        tx.set_durability(Durability::Immediate).map_err(any)?;
+        {
+            let mut t = tx.open_table(SM).map_err(any)?;
+            t.retain(|_, _| false).map_err(any)?;
+            for (id, h) in &state.hosts {
+                t.insert(format!("host/{id}").as_str(), to_json(h).as_slice())
+                    .map_err(any)?;
+            }
+            for (id, v) in &state.vms {
+                t.insert(format!("vm/{id}").as_str(), to_json(v).as_slice())
+                    .map_err(any)?;
+            }
+            for (id, m) in &state.migrations {
+                t.insert(format!("mig/{id}").as_str(), to_json(m).as_slice())
+                    .map_err(any)?;
+            }
+            let mut m = tx.open_table(SM_META).map_err(any)?;
+            m.insert("applied", to_json(&applied).as_slice())
+                .map_err(any)?;
+            m.insert("membership", to_json(membership).as_slice())
+                .map_err(any)?;
+            m.insert("event_seq", to_json(&state.event_seq).as_slice())
+                .map_err(any)?;
+        }
+        tx.commit().map_err(any)
+    }
+
+    fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, AnyError> {
+        let tx = self.db.begin_read().map_err(any)?;
+        let t = tx.open_table(SNAPSHOT).map_err(any)?;
+        let (Some(meta), Some(data)) = (t.get("meta").map_err(any)?, t.get("data").map_err(any)?)
+        else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta<NodeId, BasicNode> =
+            serde_json::from_slice(meta.value()).map_err(any)?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data.value().to_vec())),
+        }))
+    }
+
+    fn apply_batch(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Applied>, AnyError> {
+        let mut out = Vec::with_capacity(entries.len());
+        let mut events = Vec::new();
+        let mut touched = Vec::new();
+        let (applied, membership, seq, rows) = {
+            let mut g = self.shared.write().expect("state lock");
+            for e in entries {
+                g.applied = Some(e.log_id);
+                match e.payload {
+                    EntryPayload::Blank => out.push(Applied(Ok(Reply::Empty))),
+                    EntryPayload::Membership(m) => {
+                        g.membership = StoredMembership::new(Some(e.log_id), m);
+                        out.push(Applied(Ok(Reply::Empty)));
+                    }
+                    EntryPayload::Normal(cmd) => match g.state.apply(e.log_id.index, &cmd) {
+                        Ok((reply, keys, evs)) => {
+                            touched.extend(keys);
+                            events.extend(evs);
+                            out.push(Applied(Ok(reply)));
+                        }
+                        Err(err) => out.push(Applied(Err(err))),
+                    },
+                }
+            }
+            touched.sort();
+            touched.dedup();
+            let rows: Vec<(String, Option<Vec<u8>>)> = touched
+                .iter()
+                .map(|k| {
+                    let v = match k {
+                        Key::Host(id) => g.state.hosts.get(id).map(to_json),
+                        Key::Vm(id) => g.state.vms.get(id).map(to_json),
+                        Key::Migration(id) => g.state.migrations.get(id).map(to_json),
+                    };
+                    (row_key(k), v)
+                })
+                .collect();
+            for ev in &events {
+                if g.recent.len() == EVENTS_KEPT {
+                    g.recent.pop_front();
+                }
+                g.recent.push_back(ev.clone());
+            }
+            (g.applied, g.membership.clone(), g.state.event_seq, rows)
+        };
+        let mut tx = self.db.begin_write().map_err(any)?;
+        tx.set_durability(Durability::None).map_err(any)?;
+        {
+            let mut t = tx.open_table(SM).map_err(any)?;
+            for (k, v) in &rows {
+                match v {
+                    Some(v) => {
+                        t.insert(k.as_str(), v.as_slice()).map_err(any)?;
+                    }
+                    None => {
+                        t.remove(k.as_str()).map_err(any)?;
+                    }
+                }
+            }
+            let mut m = tx.open_table(SM_META).map_err(any)?;
+            m.insert("applied", to_json(&applied).as_slice())
+                .map_err(any)?;
+            m.insert("membership", to_json(&membership).as_slice())
+                .map_err(any)?;
+            m.insert("event_seq", to_json(&seq).as_slice())
+                .map_err(any)?;
+        }
+        tx.commit().map_err(any)?;
+        for ev in events {
+            let _ = self.events.send(ev);
+        }
+        self.applied_tx
+            .send_replace(applied.map(|l| l.index).unwrap_or(0));
+        Ok(out)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
+        let (data, applied, membership) = {
+            let g = self.shared.read().expect("state lock");
+            (frame_snapshot(&g.state), g.applied, g.membership.clone())
+        };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id: format!(
+                "{}-{}",
+                applied.map(|l| l.leader_id.term).unwrap_or(0),
+                applied.map(|l| l.index).unwrap_or(0)
+            ),
+        };
+        let db = self.db.clone();
+        let (m, d) = (to_json(&meta), data.clone());
+        // Durable: it also makes every earlier (non-durable) state-machine commit durable, so the
+        // log may be purged up to this snapshot afterwards.
+        tokio::task::spawn_blocking(move || -> Result<(), AnyError> {
+            let mut tx = db.begin_write().map_err(any)?;
+            tx.set_durability(Durability::Immediate).map_err(any)?;
+            {
+                let mut t = tx.open_table(SNAPSHOT).map_err(any)?;
+                t.insert("meta", m.as_slice()).map_err(any)?;
+                t.insert("data", d.as_slice()).map_err(any)?;
+            }
+            tx.commit().map_err(any)
+        })
+        .await
+        .map_err(|e| io::write_snapshot(None, any(e)))?
+        .map_err(|e| io::write_snapshot(None, e))?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "snapshot built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), SErr> {
+        let g = self.shared.read().expect("state lock");
+        Ok((g.applied, g.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.apply_batch(entries))
+            .await
+            .map_err(|e| io::write_state_machine(any(e)))?
+            .map_err(io::write_state_machine)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SErr> {
+        let data = snapshot.into_inner();
+        let state = unframe_snapshot(&data)
+            .map_err(|e| io::read_snapshot(Some(meta.signature()), any(e)))?;
+        let this = self.clone();
+        let (meta2, state2) = (meta.clone(), state.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), AnyError> {
+            this.persist_all(&state2, meta2.last_log_id, &meta2.last_membership)?;
+            let mut tx = this.db.begin_write().map_err(any)?;
+            tx.set_durability(Durability::Immediate).map_err(any)?;
+            {
+                let mut t = tx.open_table(SNAPSHOT).map_err(any)?;
+                t.insert("meta", to_json(&meta2).as_slice()).map_err(any)?;
+                t.insert("data", data.as_slice()).map_err(any)?;
+            }
+            tx.commit().map_err(any)
+        })
+        .await
+        .map_err(|e| io::write_snapshot(Some(meta.signature()), any(e)))?
+        .map_err(|e| io::write_snapshot(Some(meta.signature()), e))?;
+        {
+            let mut g = self.shared.write().expect("state lock");
+            g.state = state;
+            g.applied = meta.last_log_id;
+            g.membership = meta.last_membership.clone();
+        }
+        self.applied_tx
+            .send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
+        self.current_snapshot()
+            .map_err(|e| io::read_snapshot(None, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_frame_checks_magic_version_and_checksum() {
+        let s = ClusterState {
+            event_seq: 7,
+            ..Default::default()
+        };
+        let f = frame_snapshot(&s);
+        assert_eq!(unframe_snapshot(&f).unwrap(), s);
+        let mut bad = f.clone();
+        bad[0] = b'X';
+        assert!(unframe_snapshot(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("bad magic"));
+        let mut bad = f.clone();
+        bad[8] = 9;
+        assert!(unframe_snapshot(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("version 9"));
+        let mut bad = f.clone();
+        let n = bad.len() - 2;
+        bad[n] ^= 1;
+        assert!(unframe_snapshot(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
+        assert!(unframe_snapshot(&f[..3]).is_err());
+    }
+}
