@@ -103,6 +103,7 @@ impl Target {
                     cpu_utilisation: 0.3,
                     memory_used_mib: 1024,
                     running_vms: vec![],
+                    anomalies: vec![],
                 })
                 .await
                 .map(|_| ()),

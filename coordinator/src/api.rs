@@ -287,6 +287,17 @@ impl Coordinator for Api {
                 cpu_utilisation: r.cpu_utilisation,
                 memory_used_mib: r.memory_used_mib,
                 running_vms: r.running_vms,
+                anomalies: r
+                    .anomalies
+                    .into_iter()
+                    .map(|a| crate::node::VmAnomaly {
+                        vm_id: a.vm_id,
+                        series: a.series,
+                        score: a.score,
+                        start_unix_ms: a.start_unix_ms,
+                        end_unix_ms: a.end_unix_ms,
+                    })
+                    .collect(),
             })
             .await
             .map_err(status)?;

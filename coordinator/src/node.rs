@@ -96,6 +96,24 @@ pub struct Heartbeat {
     pub memory_used_mib: u64,
     /// VMs the agent runs (for reconciliation).
     pub running_vms: Vec<String>,
+    /// Active anomalies the agent's detector reports on its VMs.
+    #[serde(default)]
+    pub anomalies: Vec<VmAnomaly>,
+}
+
+/// One active anomaly on a VM, as its host's agent reports it (kept in memory with the heartbeat).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct VmAnomaly {
+    /// The VM.
+    pub vm_id: String,
+    /// The telemetry series that is abnormal.
+    pub series: String,
+    /// Score in [0, 1].
+    pub score: f64,
+    /// Window start, Unix milliseconds.
+    pub start_unix_ms: i64,
+    /// Window end, Unix milliseconds.
+    pub end_unix_ms: i64,
 }
 
 /// In-memory liveness of one host on the leader.

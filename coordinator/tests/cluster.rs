@@ -546,6 +546,7 @@ async fn api_on_one_node_validates_places_migrates_streams_and_tracks_liveness()
         cpu_utilisation: 0.25,
         memory_used_mib: 100,
         running_vms: vec![],
+        anomalies: vec![],
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
