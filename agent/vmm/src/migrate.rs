@@ -98,6 +98,9 @@ pub struct OutgoingParams {
     pub bandwidth_limit: u64,
 }
 
+/// QUIC send priority of the control stream (data streams keep the default, 0).
+const CONTROL_PRIORITY: i32 = 8;
+
 fn default_streams() -> usize {
     4
 }
@@ -500,6 +503,8 @@ async fn source(
         .open_bi()
         .await
         .map_err(transport::TransportError::from)?;
+    // Control frames (the device state, Commit) go ahead of any page data still queued.
+    let _ = ctl_send.set_priority(CONTROL_PRIORITY);
     step("connected");
 
     // Steps 1-2.
@@ -825,11 +830,57 @@ impl PageOrder {
     }
 }
 
+/// Pages applied on the destination, with a wake-up for whoever waits for a count: the
+/// round acknowledgement and the final drain wait on it instead of polling, so the switch-over
+/// does not pay a timer tick.
+#[derive(Default)]
+struct Received {
+    pages: AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl Received {
+    fn get(&self) -> u64 {
+        self.pages.load(Ordering::Acquire)
+    }
+
+    fn add(&self, n: u64) {
+        self.pages.fetch_add(n, Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until at least `total` pages have been applied, a receiver fails, or 30 s pass.
+    async fn wait_for(
+        &self,
+        total: u64,
+        errors: &mut mpsc::Receiver<String>,
+        what: &str,
+    ) -> Result<u64, String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let got = self.get();
+            if got >= total {
+                return Ok(got);
+            }
+            tokio::select! {
+                _ = changed => {}
+                Some(e) = errors.recv() => return Err(e),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(format!("{what}: {} of {total} pages arrived within 30 s", self.get()));
+                }
+            }
+        }
+    }
+}
+
 async fn receiver(
     vm: Arc<Vm>,
     mut recv: quinn::RecvStream,
     order: Arc<PageOrder>,
-    received: Arc<AtomicU64>,
+    received: Arc<Received>,
     errors: mpsc::Sender<String>,
 ) {
     let mut scratch = Vec::new();
@@ -869,7 +920,7 @@ async fn receiver(
             }
             n += 1;
         }
-        received.fetch_add(n, Ordering::AcqRel);
+        received.add(n);
     }
 }
 
@@ -945,8 +996,9 @@ async fn destination(
         .accept_bi()
         .await
         .map_err(transport::TransportError::from)?;
+    let _ = ctl_send.set_priority(CONTROL_PRIORITY);
     let order = Arc::new(PageOrder::new(vm));
-    let received = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(Received::default());
     let (err_tx, mut err_rx) = mpsc::channel(4);
     {
         let (vm, conn, order, received) =
@@ -1023,61 +1075,25 @@ async fn destination(
                     Err(e) => queue.extend(sm.abort(&format!("device state: {e}"))),
                 },
                 DestAction::AckRound { round, total } => {
-                    let deadline = Instant::now() + Duration::from_secs(30);
-                    let mut failed = None;
-                    while received.load(Ordering::Acquire) < total {
-                        if let Ok(e) = err_rx.try_recv() {
-                            failed = Some(e);
-                            break;
-                        }
-                        if Instant::now() > deadline {
-                            failed = Some(format!(
-                                "round {round}: {} of {total} pages arrived within 30 s",
-                                received.load(Ordering::Acquire)
-                            ));
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_micros(200)).await;
-                    }
-                    match failed {
-                        Some(e) => queue.extend(sm.abort(&e)),
-                        None => {
-                            send_control(
-                                &mut ctl_send,
-                                &Frame::RoundAck {
-                                    round,
-                                    pages: received.load(Ordering::Acquire),
-                                },
-                            )
-                            .await?
+                    match received
+                        .wait_for(total, &mut err_rx, &format!("round {round}"))
+                        .await
+                    {
+                        Err(e) => queue.extend(sm.abort(&e)),
+                        Ok(pages) => {
+                            send_control(&mut ctl_send, &Frame::RoundAck { round, pages }).await?
                         }
                     }
                 }
                 DestAction::DrainData => {
                     let expected = sm_expected_total(sm);
-                    tracing::debug!(
-                        expected,
-                        received = received.load(Ordering::Acquire),
-                        "draining data"
-                    );
-                    let deadline = Instant::now() + Duration::from_secs(30);
-                    loop {
-                        let got = received.load(Ordering::Acquire);
-                        if got >= expected || Instant::now() > deadline {
-                            break;
+                    match received.wait_for(expected, &mut err_rx, "last round").await {
+                        Err(e) => queue.extend(sm.abort(&e)),
+                        Ok(got) => {
+                            tracing::debug!(expected, received = got, "all data received");
+                            queue.extend(sm.data_complete(got));
                         }
-                        if let Ok(e) = err_rx.try_recv() {
-                            queue.extend(sm.abort(&e));
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    tracing::debug!(
-                        expected,
-                        received = received.load(Ordering::Acquire),
-                        "all data received"
-                    );
-                    queue.extend(sm.data_complete(received.load(Ordering::Acquire)));
                 }
                 DestAction::Resume => {
                     vm.resume()?;
