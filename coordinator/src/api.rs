@@ -252,6 +252,7 @@ impl Api {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+type VmChangeStream = Pin<Box<dyn Stream<Item = Result<pb::VmChange, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Coordinator for Api {
@@ -586,6 +587,114 @@ impl Coordinator for Api {
                         return;
                     }
                     Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type WatchVmsStream = VmChangeStream;
+
+    async fn watch_vms(
+        &self,
+        req: Request<pb::WatchVmsRequest>,
+    ) -> Result<Response<VmChangeStream>, Status> {
+        let want = req.into_inner().vm;
+        // Subscribe before the snapshot so that no change falls between the two.
+        let mut live = self.node.sm.events.subscribe();
+        let snapshot: BTreeMap<String, Vm> = {
+            let g = self.node.sm.shared.read().expect("state lock");
+            if !want.is_empty()
+                && !g.state.vms.contains_key(&want)
+                && !g.state.vm_names.contains_key(&want)
+            {
+                return Err(not_found("vm", &want));
+            }
+            g.state
+                .vms
+                .values()
+                .filter(|v| want.is_empty() || v.id == want || v.name == want)
+                .map(|v| (v.id.clone(), v.clone()))
+                .collect()
+        };
+        let matches = move |v: &Vm| want.is_empty() || v.id == want || v.name == want;
+        let node = self.node.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let change = |kind: pb::VmChangeKind, vm: Option<&Vm>, seq| pb::VmChange {
+                kind: kind as i32,
+                vm: vm.map(vm_pb),
+                event_seq: seq,
+            };
+            for v in snapshot.values() {
+                if tx
+                    .send(Ok(change(pb::VmChangeKind::Existing, Some(v), 0)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if tx
+                .send(Ok(change(pb::VmChangeKind::SnapshotEnd, None, 0)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut sent = snapshot;
+            loop {
+                let e = match live.recv().await {
+                    Ok(e) => e,
+                    Err(RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "watcher fell {n} changes behind; watch again for a new snapshot"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                // The VM an event is about: its own id, or the VM a migration moves.
+                let (current, vm_id) = {
+                    let g = node.sm.shared.read().expect("state lock");
+                    let vm_id = if e.kind.starts_with("vm.") {
+                        Some(e.object_id.clone())
+                    } else if e.kind.starts_with("migration.") {
+                        g.state
+                            .migrations
+                            .get(&e.object_id)
+                            .map(|m| m.vm_id.clone())
+                    } else {
+                        None
+                    };
+                    let Some(vm_id) = vm_id else { continue };
+                    (g.state.vms.get(&vm_id).cloned(), vm_id)
+                };
+                let out = match (current, sent.get(&vm_id)) {
+                    (Some(v), _) if !matches(&v) => continue,
+                    (Some(v), Some(old)) if *old == v => continue,
+                    (Some(v), old) => {
+                        let kind = if old.is_some() {
+                            pb::VmChangeKind::Updated
+                        } else {
+                            pb::VmChangeKind::Created
+                        };
+                        let c = change(kind, Some(&v), e.seq);
+                        sent.insert(vm_id, v);
+                        c
+                    }
+                    (None, Some(_)) => {
+                        let old = sent.remove(&vm_id).expect("present");
+                        change(pb::VmChangeKind::Deleted, Some(&old), e.seq)
+                    }
+                    (None, None) => continue,
+                };
+                if tx.send(Ok(out)).await.is_err() {
+                    return;
                 }
             }
         });

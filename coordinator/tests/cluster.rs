@@ -627,3 +627,102 @@ async fn api_on_one_node_validates_places_migrates_streams_and_tracks_liveness()
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_vms_sends_a_snapshot_then_each_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(bin(), dir.path(), 1, ClusterOptions::default());
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let mut c = cluster.node(leader).client();
+    c.register_host(big_host("h1")).await.unwrap();
+    let a = c.create_vm(vm("a")).await.unwrap().into_inner().vm.unwrap();
+
+    let err = c
+        .watch_vms(pb::WatchVmsRequest { vm: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+
+    let mut all = c
+        .watch_vms(pb::WatchVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut only_a = c
+        .watch_vms(pb::WatchVmsRequest { vm: "a".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    async fn next(s: &mut tonic::Streaming<pb::VmChange>) -> (pb::VmChangeKind, Option<pb::Vm>) {
+        let m = tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("a change within 10 s")
+            .expect("stream ok")
+            .expect("stream open");
+        (m.kind(), m.vm)
+    }
+    for s in [&mut all, &mut only_a] {
+        let (k, v) = next(s).await;
+        assert_eq!(
+            (k, v.unwrap().name),
+            (pb::VmChangeKind::Existing, "a".into())
+        );
+        assert_eq!(next(s).await.0, pb::VmChangeKind::SnapshotEnd);
+    }
+
+    // A new VM reaches the watcher of all VMs, not the watcher of "a".
+    c.register_host(big_host("h2")).await.unwrap();
+    c.create_vm(vm("b")).await.unwrap();
+    let (k, v) = next(&mut all).await;
+    assert_eq!(
+        (k, v.unwrap().name),
+        (pb::VmChangeKind::Created, "b".into())
+    );
+
+    // A migration that moves "a" shows as updates to its record.
+    let target = if a.host_id == "h1" { "h2" } else { "h1" };
+    let op = c
+        .start_migration(pb::StartMigrationRequest {
+            vm_id: a.id.clone(),
+            target_host: target.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Changes are level-triggered (a change carries the record as it is when sent), so each
+    // step is awaited before the next one is made.
+    for s in [&mut all, &mut only_a] {
+        let (k, v) = next(s).await;
+        let v = v.unwrap();
+        assert_eq!((k, v.name.as_str()), (pb::VmChangeKind::Updated, "a"));
+        assert_eq!(v.migration_id, op.name.trim_start_matches("migrations/"));
+    }
+    c.report_migration(pb::ReportMigrationRequest {
+        name: op.name.clone(),
+        phase: pb::MigrationPhase::Succeeded as i32,
+        bytes_done: 1,
+        bytes_total: 1,
+        error: String::new(),
+    })
+    .await
+    .unwrap();
+    for s in [&mut all, &mut only_a] {
+        let (k, v) = next(s).await;
+        let v = v.unwrap();
+        assert_eq!((k, v.name.as_str()), (pb::VmChangeKind::Updated, "a"));
+        assert_eq!(v.host_id, target, "the update carries the new host");
+        assert!(v.migration_id.is_empty(), "{v:?}");
+    }
+
+    // Stop and delete "b": an update, then the deletion with the last record.
+    let b = all_vm_names(&mut c, false).await["b"].clone();
+    c.stop_vm(pb::VmRef { id: b.id.clone() }).await.unwrap();
+    let (k, v) = next(&mut all).await;
+    assert_eq!(
+        (k, v.unwrap().desired()),
+        (pb::VmChangeKind::Updated, pb::VmDesiredState::Stopped)
+    );
+    c.delete_vm(pb::VmRef { id: b.id.clone() }).await.unwrap();
+    let (k, v) = next(&mut all).await;
+    assert_eq!((k, v.unwrap().id), (pb::VmChangeKind::Deleted, b.id));
+}

@@ -104,6 +104,11 @@ pub enum VmsCmd {
         /// VM id.
         id: String,
     },
+    /// Print the VM records, then each change as it happens (Ctrl-C to stop).
+    Watch {
+        /// Only this VM (id or name).
+        vm: Option<String>,
+    },
 }
 
 /// Migration operations.
@@ -497,6 +502,50 @@ pub async fn run(endpoint: &str, json: bool, cmd: Command) -> anyhow::Result<()>
                         json!({"vms": r.vms.iter().map(vm_json).collect::<Vec<_>>(), "read": read_json(&r.read)}),
                         vms_table(&r.vms),
                     );
+                }
+                VmsCmd::Watch { vm } => {
+                    let mut s = c
+                        .watch_vms(pb::WatchVmsRequest {
+                            vm: vm.unwrap_or_default(),
+                        })
+                        .await?
+                        .into_inner();
+                    while let Some(ch) = s.message().await? {
+                        let kind = match ch.kind() {
+                            pb::VmChangeKind::Existing => "existing",
+                            pb::VmChangeKind::SnapshotEnd => "snapshot-end",
+                            pb::VmChangeKind::Created => "created",
+                            pb::VmChangeKind::Updated => "updated",
+                            pb::VmChangeKind::Deleted => "deleted",
+                            pb::VmChangeKind::Unspecified => "unspecified",
+                        };
+                        match (json, &ch.vm) {
+                            (true, v) => println!(
+                                "{}",
+                                json!({"kind": kind, "event_seq": ch.event_seq,
+                                       "vm": v.as_ref().map(vm_json)})
+                            ),
+                            (false, None) => println!("-- {kind}"),
+                            (false, Some(v)) => {
+                                let r = v.resources.unwrap_or_default();
+                                println!(
+                                    "{kind:<9} {:<10} {:<16} {:<8} {:<12} {}/{}MiB {}",
+                                    v.id,
+                                    v.name,
+                                    vm_json(v)["desired"].as_str().unwrap_or_default(),
+                                    v.host_id,
+                                    r.vcpus,
+                                    r.memory_mib,
+                                    if v.migration_id.is_empty() {
+                                        "-"
+                                    } else {
+                                        &v.migration_id
+                                    }
+                                );
+                            }
+                        }
+                    }
+                    return Ok(());
                 }
                 VmsCmd::Get { vm } => c
                     .get_vm(pb::GetRequest {

@@ -141,6 +141,37 @@ async fn ctl_drives_hosts_vms_migrations_events_and_cluster() {
         ]
     );
 
+    // `vms watch` prints the records, the end of the snapshot, then follows.
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_novacronctl"))
+        .args(["--coordinator", a, "vms", "watch", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run novacronctl vms watch");
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut kinds = Vec::new();
+    while kinds.last().map(String::as_str) != Some("snapshot-end") {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("vms watch printed its snapshot within 20 s");
+        let j: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if j["kind"] == "existing" {
+            assert_eq!(j["vm"]["name"], "web1", "{line}");
+        }
+        kinds.push(j["kind"].as_str().unwrap().to_string());
+    }
+    assert_eq!(kinds, ["existing", "snapshot-end"]);
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+
     let st = ok_json(a, &["cluster", "status"]);
     assert_eq!(
         (st["leader_id"].as_u64(), st["state"].as_str()),
