@@ -373,14 +373,14 @@ impl Node {
         }
     }
 
-    /// Puts the load inputs this leader scores with into a command that places a VM, so that
-    /// every replica computes the same placement.
+    /// Puts the load inputs this leader scores with (the hosts that are hot or anomalous) into a
+    /// command that places a VM, so that every replica computes the same placement.
     fn with_loads(&self, mut cmd: Command) -> Command {
         match &mut cmd {
-            Command::CreateVm { loads, .. } => *loads = self.loads(),
+            Command::CreateVm { loads, .. } => *loads = self.loads().pressured(),
             Command::StartMigration {
                 loads, target_host, ..
-            } if target_host.is_empty() => *loads = self.loads(),
+            } if target_host.is_empty() => *loads = self.loads().pressured(),
             _ => {}
         }
         cmd

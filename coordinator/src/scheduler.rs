@@ -87,10 +87,10 @@ pub const CONTENTION_SERIES: [&str; 4] = [
 
 /// Score points of a full host (utilisation is scored in parts per million).
 pub const FULL: i64 = 1_000_000;
-/// Points lost per per-mille of measured CPU utilisation (a busy host is a little less
-/// attractive even below the hot threshold): at most a quarter of a full host.
+/// Points a hot host loses per per-mille of measured CPU utilisation, on top of
+/// [`HOT_PENALTY`] (the hotter, the lower): at most a quarter of a full host.
 pub const CPU_WEIGHT: i64 = 250;
-/// Points a hot host loses: more than the whole range of utilisation and CPU points, so a hot
+/// Points a hot host loses: more than the whole range of reservation and CPU points, so a hot
 /// host is chosen only when no cool one fits.
 pub const HOT_PENALTY: i64 = 4 * FULL;
 /// Points a host with an active contention anomaly loses (plus 1,000 per per-mille of the
@@ -153,7 +153,8 @@ impl HostLoad {
 }
 
 /// The load inputs of one placement: thresholds and each host's load as the proposing leader
-/// saw it. A host without an entry (no heartbeat yet) counts as idle and healthy.
+/// saw it. A host without an entry (no heartbeat yet, or neither hot nor anomalous) counts as
+/// healthy.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Loads {
     /// When a host is hot or anomalous.
@@ -180,6 +181,19 @@ impl Loads {
         self.hosts.get(host).is_some_and(|l| {
             l.anomaly_permille > 0 && l.anomaly_permille >= self.thresholds.anomaly_permille
         })
+    }
+
+    /// Only the hosts that are hot or anomalous: the rest score the same without an entry. What
+    /// a command carries, so that its size grows with the hosts in trouble, not with the fleet.
+    pub fn pressured(mut self) -> Loads {
+        let keep: Vec<String> = self
+            .hosts
+            .keys()
+            .filter(|h| self.hot(h) || self.anomalous(h))
+            .cloned()
+            .collect();
+        self.hosts.retain(|h, _| keep.contains(h));
+        self
     }
 }
 
@@ -254,8 +268,7 @@ fn fits(h: &Host, r: &Resources) -> bool {
 /// A host's score with `add` placed on it (higher is better), in integer points:
 /// - reservations after placing `add` (mean of the CPU and memory fractions, 1,000,000 = full):
 ///   added for bin-pack (fill the fullest), subtracted for spread (the emptiest);
-/// - minus [`CPU_WEIGHT`] per per-mille of measured CPU utilisation;
-/// - minus [`HOT_PENALTY`] when hot;
+/// - when hot, minus [`HOT_PENALTY`] and [`CPU_WEIGHT`] per per-mille of measured CPU;
 /// - minus [`ANOMALY_PENALTY`] plus 1,000 per per-mille of score when anomalous.
 ///
 /// So a healthy host beats a hot one, which beats an anomalous one, whatever the policy.
@@ -273,15 +286,16 @@ pub fn score(h: &Host, add: Resources, policy: Policy, loads: &Loads) -> i64 {
     ) + ppm(
         h.allocated.memory_mib + add.memory_mib,
         h.capacity.memory_mib,
-    )) / 2;
+    ))
+    .min(2 * FULL)
+        / 2;
     let load = loads.of(&h.id);
     let mut s = match policy {
         Policy::BinPack => after,
         Policy::Spread => -after,
     };
-    s -= CPU_WEIGHT * load.cpu_permille as i64;
     if loads.hot(&h.id) {
-        s -= HOT_PENALTY;
+        s -= HOT_PENALTY + CPU_WEIGHT * load.cpu_permille as i64;
     }
     if loads.anomalous(&h.id) {
         s -= ANOMALY_PENALTY + 1000 * load.anomaly_permille as i64;
@@ -537,15 +551,52 @@ mod tests {
         let order: Vec<&str> = ranked.iter().map(|(h, _)| h.as_str()).collect();
         // a and c are hot (a fuller, bin-pack prefers it); b is anomalous: last.
         assert_eq!(order, ["a", "c", "b"]);
-        // Below the hot threshold, measured CPU still counts a little: with equal
-        // reservations the less busy host wins under either policy.
+        // Among hot hosts with equal reservations the less hot one wins, under either
+        // policy; below the threshold measured CPU changes nothing (ties keep id order).
         let hs = hosts(vec![
             host("a", 8, 8192, 2, 2048),
             host("b", 8, 8192, 2, 2048),
         ]);
-        let l = loads(&[("a", 700, 0), ("b", 200, 0)]);
+        let l = loads(&[("a", 990, 0), ("b", 900, 0)]);
         for p in [Policy::BinPack, Policy::Spread] {
             assert_eq!(place(&hs, &vms, &req(1, 64, &none), p, &l).unwrap(), "b");
+        }
+        let l = loads(&[("a", 700, 0), ("b", 200, 0)]);
+        assert_eq!(
+            place(&hs, &vms, &req(1, 64, &none), Policy::Spread, &l).unwrap(),
+            "a"
+        );
+    }
+
+    #[test]
+    fn a_command_carries_only_the_hosts_in_trouble() {
+        let l = loads(&[
+            ("a", 700, 600),
+            ("b", 900, 0),
+            ("c", 10, 0),
+            ("d", 849, 499),
+        ]);
+        let kept: Vec<String> = l.clone().pressured().hosts.into_keys().collect();
+        assert_eq!(kept, ["a", "b"]);
+        // Scores are the same with the full loads and with the carried ones.
+        let hs = hosts(vec![
+            host("a", 8, 8192, 1, 100),
+            host("b", 8, 8192, 2, 200),
+            host("c", 8, 8192, 3, 300),
+            host("d", 8, 8192, 4, 400),
+        ]);
+        let none = BTreeMap::new();
+        for p in [Policy::BinPack, Policy::Spread] {
+            assert_eq!(
+                rank(&hs, &BTreeMap::new(), &req(1, 64, &none), p, &l),
+                rank(
+                    &hs,
+                    &BTreeMap::new(),
+                    &req(1, 64, &none),
+                    p,
+                    &l.clone().pressured()
+                )
+            );
         }
     }
 

@@ -136,7 +136,8 @@ async fn act_places_away_from_an_anomaly_then_migrates_off_a_hot_host() {
     let (_cluster, mut c, reports) = start("act", dir.path()).await;
 
     // h1 reports a noisy-neighbour anomaly (on a VM the coordinator does not know: the agent's
-    // word is enough). Without it h1 would win: equal reservations, and less busy than h2.
+    // word is enough). Without it h1 would win: equal reservations, ties go to the lower id,
+    // and neither host is hot.
     // The host view shows CPU, not anomalies: 11% marks that the anomalous report arrived.
     report(&reports, "h2", 0.3, "");
     report(&reports, "h1", 0.11, "vm-stranger");
