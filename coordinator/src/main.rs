@@ -130,11 +130,18 @@ impl SchedArgs {
             self.rebalance_exit_anomaly_score,
             1.0,
         )?;
-        if r.exit_cpu_permille > cfg.thresholds.hot_cpu_permille
-            || r.exit_anomaly_permille > cfg.thresholds.anomaly_permille
-        {
+        if r.exit_cpu_permille > cfg.thresholds.hot_cpu_permille {
             bail!(
-                "invalid --rebalance-exit-cpu-percent / --rebalance-exit-anomaly-score: expected at most --hot-cpu-percent / --anomaly-score (exit below enter)"
+                "invalid --rebalance-exit-cpu-percent {}: expected at most --hot-cpu-percent {} (a host leaves the hot state below where it enters it)",
+                self.rebalance_exit_cpu_percent,
+                self.hot_cpu_percent
+            );
+        }
+        if r.exit_anomaly_permille > cfg.thresholds.anomaly_permille {
+            bail!(
+                "invalid --rebalance-exit-anomaly-score {}: expected at most --anomaly-score {} (a host leaves the anomalous state below where it enters it)",
+                self.rebalance_exit_anomaly_score,
+                self.anomaly_score
             );
         }
         r.min_dwell = Duration::from_secs(self.rebalance_dwell_secs);

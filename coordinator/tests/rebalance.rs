@@ -1,4 +1,5 @@
-//! Anomaly-aware placement and the rebalancer on a real one-node coordinator, with heartbeats
+//! Anomaly-aware placement and the rebalancer on real coordinators (one node, and three for
+//! forwarding), with heartbeats
 //! (CPU utilisation and anomalies) sent by the test in place of agents.
 
 use std::collections::BTreeMap;
@@ -250,4 +251,81 @@ async fn propose_lists_and_announces_a_move_off_an_anomalous_host_and_starts_not
         .into_inner()
         .operations;
     assert!(ops.is_empty(), "propose starts nothing: {ops:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_heartbeats_and_the_proposal_list_to_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ClusterOptions {
+        extra_args: ["--rebalance", "propose", "--rebalance-interval-ms", "200"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(bin(), dir.path(), 3, opts);
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+    let follower = cluster.nodes.iter().find(|n| n.id != leader).unwrap();
+    assert_eq!(
+        follower
+            .client()
+            .list_proposals(pb::ListProposalsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .leader_id,
+        leader,
+        "a follower answers with the leader's list"
+    );
+    let mut c = follower.client();
+    for h in ["h1", "h2"] {
+        c.register_host(pb::RegisterHostRequest {
+            id: h.into(),
+            address: format!("{h}.local:7300"),
+            capacity: Some(pb::Resources {
+                vcpus: 8,
+                memory_mib: 8192,
+            }),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    }
+    let vm = create(&mut c, "busy").await;
+    let other = if vm.host_id == "h1" { "h2" } else { "h1" };
+    let p = eventually("a proposal listed through a follower", || {
+        let mut c = c.clone();
+        let (hot, cool) = (vm.host_id.clone(), other.to_string());
+        async move {
+            for (h, cpu) in [(hot, 0.99), (cool, 0.05)] {
+                c.heartbeat(pb::HeartbeatRequest {
+                    host_id: h,
+                    cpu_utilisation: cpu,
+                    memory_used_mib: 1,
+                    running_vms: vec![],
+                    anomalies: vec![],
+                })
+                .await
+                .unwrap();
+            }
+            let b = c
+                .list_proposals(pb::ListProposalsRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(b.mode, "propose");
+            // The leader's list (a re-election under load may have moved it elsewhere).
+            assert_ne!(b.leader_id, 0);
+            b.proposals.into_iter().next()
+        }
+    })
+    .await;
+    assert_eq!(
+        (
+            p.vm_id.as_str(),
+            p.source_host.as_str(),
+            p.target_host.as_str()
+        ),
+        (vm.id.as_str(), vm.host_id.as_str(), other)
+    );
+    assert!(p.reason.contains("hot (CPU 99.0%)"), "{}", p.reason);
 }
