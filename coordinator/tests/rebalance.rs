@@ -1,6 +1,6 @@
 //! Anomaly-aware placement and the rebalancer on real coordinators (one node, and three for
-//! forwarding), with heartbeats
-//! (CPU utilisation and anomalies) sent by the test in place of agents.
+//! forwarding), with heartbeats (CPU utilisation and anomalies) sent by the test in place of
+//! agents.
 
 use std::collections::BTreeMap;
 use std::path::Path;
