@@ -377,10 +377,10 @@ impl Node {
     /// command that places a VM, so that every replica computes the same placement.
     fn with_loads(&self, mut cmd: Command) -> Command {
         match &mut cmd {
-            Command::CreateVm { loads, .. } => *loads = self.loads().pressured(),
+            Command::CreateVm { loads, .. } => *loads = self.placement_loads(),
             Command::StartMigration {
                 loads, target_host, ..
-            } if target_host.is_empty() => *loads = self.loads().pressured(),
+            } if target_host.is_empty() => *loads = self.placement_loads(),
             _ => {}
         }
         cmd
@@ -389,20 +389,29 @@ impl Node {
     /// The load inputs of placement: this node's thresholds and the load of every host that
     /// heartbeated since this node became leader (in-memory liveness).
     pub fn loads(&self) -> Loads {
+        self.loads_where(|_, _| true)
+    }
+
+    fn loads_where(&self, keep: impl Fn(&Thresholds, &HostLoad) -> bool) -> Loads {
+        let t = self.opts.thresholds;
         let l = self.liveness.lock().expect("liveness lock");
         Loads {
-            thresholds: self.opts.thresholds,
+            thresholds: t,
             hosts: l
                 .iter()
                 .filter_map(|(id, live)| {
                     let hb = live.last.as_ref()?;
-                    Some((
-                        id.clone(),
-                        HostLoad::from_report(hb.cpu_utilisation, &hb.anomalies),
-                    ))
+                    let load = HostLoad::from_report(hb.cpu_utilisation, &hb.anomalies);
+                    keep(&t, &load).then(|| (id.clone(), load))
                 })
                 .collect(),
         }
+    }
+
+    /// [`Node::loads`] of the hosts that are hot or anomalous only (what a command carries),
+    /// without building the whole fleet's map first.
+    fn placement_loads(&self) -> Loads {
+        self.loads_where(|t, l| t.hot(l) || t.anomalous(l))
     }
 
     /// The rebalancer's proposals on this node.

@@ -107,6 +107,18 @@ pub struct Thresholds {
     pub anomaly_permille: u32,
 }
 
+impl Thresholds {
+    /// Whether `l` is at or above the hot CPU threshold.
+    pub fn hot(&self, l: &HostLoad) -> bool {
+        l.cpu_permille >= self.hot_cpu_permille
+    }
+
+    /// Whether `l` has an active contention anomaly at or above the threshold.
+    pub fn anomalous(&self, l: &HostLoad) -> bool {
+        l.anomaly_permille > 0 && l.anomaly_permille >= self.anomaly_permille
+    }
+}
+
 impl Default for Thresholds {
     fn default() -> Self {
         Thresholds {
@@ -171,28 +183,21 @@ impl Loads {
 
     /// Whether `host` is at or above the hot CPU threshold.
     pub fn hot(&self, host: &str) -> bool {
-        self.hosts
-            .get(host)
-            .is_some_and(|l| l.cpu_permille >= self.thresholds.hot_cpu_permille)
+        self.hosts.get(host).is_some_and(|l| self.thresholds.hot(l))
     }
 
     /// Whether `host` has an active contention anomaly at or above the threshold.
     pub fn anomalous(&self, host: &str) -> bool {
-        self.hosts.get(host).is_some_and(|l| {
-            l.anomaly_permille > 0 && l.anomaly_permille >= self.thresholds.anomaly_permille
-        })
+        self.hosts
+            .get(host)
+            .is_some_and(|l| self.thresholds.anomalous(l))
     }
 
     /// Only the hosts that are hot or anomalous: the rest score the same without an entry. What
     /// a command carries, so that its size grows with the hosts in trouble, not with the fleet.
     pub fn pressured(mut self) -> Loads {
-        let keep: Vec<String> = self
-            .hosts
-            .keys()
-            .filter(|h| self.hot(h) || self.anomalous(h))
-            .cloned()
-            .collect();
-        self.hosts.retain(|h, _| keep.contains(h));
+        let t = self.thresholds;
+        self.hosts.retain(|_, l| t.hot(l) || t.anomalous(l));
         self
     }
 }
