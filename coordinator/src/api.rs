@@ -367,6 +367,7 @@ impl Coordinator for Api {
             anti_affinity_group: r.anti_affinity_group,
             start: r.start,
             policy: self.node.opts.policy,
+            loads: Default::default(), // the leader fills in what it scores with
         })
         .await
     }
@@ -447,6 +448,7 @@ impl Coordinator for Api {
             target_host: r.target_host,
             requested_by: "user".into(),
             policy: self.node.opts.policy,
+            loads: Default::default(), // the leader fills in what it scores with
         })
         .await
     }
@@ -736,6 +738,31 @@ impl Coordinator for Api {
             .await
             .map_err(status)?;
         Ok(Response::new(self.status_reply()))
+    }
+
+    async fn list_proposals(
+        &self,
+        _req: Request<pb::ListProposalsRequest>,
+    ) -> Result<Response<pb::ListProposalsReply>, Status> {
+        let (board, leader) = self.node.proposals().await.map_err(status)?;
+        Ok(Response::new(pb::ListProposalsReply {
+            mode: board.mode.to_string(),
+            proposals: board
+                .proposals
+                .into_iter()
+                .map(|p| pb::Proposal {
+                    vm_id: p.vm_id,
+                    vm_name: p.vm_name,
+                    source_host: p.source_host,
+                    target_host: p.target_host,
+                    reason: p.reason,
+                    source_score: p.source_score,
+                    target_score: p.target_score,
+                    migration_id: p.migration_id,
+                })
+                .collect(),
+            leader_id: leader,
+        }))
     }
 }
 

@@ -1,7 +1,7 @@
 //! NovaCron's site coordinator: the replicated state of hosts, VMs and migrations (openraft on a
 //! durable `redb` store), placement, and the public gRPC API.
 //!
-//! Modules, from the inside out: [`state`] (the pure state machine), [`scheduler`] (placement),
+//! Modules, from the inside out: [`state`] (the pure state machine), [`scheduler`] (placement), [`rebalancer`] (moves away from hot or anomalous hosts),
 //! [`store`] (durable Raft log + state machine), [`network`] (Raft over gRPC), [`node`] (leader
 //! forwarding, read freshness, host liveness), [`api`] (the public gRPC adapter), [`server`]
 //! (wiring it all up).
@@ -10,6 +10,7 @@
 pub mod api;
 pub mod network;
 pub mod node;
+pub mod rebalancer;
 pub mod scheduler;
 pub mod server;
 pub mod state;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use novacron_coordinator::rebalancer::Mode;
 use novacron_coordinator::scheduler::Policy;
 use novacron_coordinator::server::{self, ServerConfig};
 use novacron_migration::certs::ClusterDir;
@@ -59,7 +60,102 @@ enum Cmd {
         /// Seconds of heartbeat silence after which a host is marked down.
         #[arg(long, default_value_t = 15)]
         down_after_secs: u64,
+        #[command(flatten)]
+        sched: SchedArgs,
     },
+}
+
+/// Anomaly-aware scoring and the rebalancer.
+#[derive(clap::Args)]
+struct SchedArgs {
+    /// CPU utilisation (percent) at or above which a host is hot: it scores lower, and the
+    /// rebalancer moves VMs away from it.
+    #[arg(long, default_value_t = 85.0)]
+    hot_cpu_percent: f64,
+    /// Score (0..1) at or above which a noisy-neighbour anomaly makes its host score lower, and
+    /// the rebalancer moves VMs away from it.
+    #[arg(long, default_value_t = 0.5)]
+    anomaly_score: f64,
+    /// Rebalancer: off, propose (list proposals, act on none) or act (start migrations).
+    #[arg(long, default_value = "off")]
+    rebalance: Mode,
+    /// Milliseconds between rebalancer rounds.
+    #[arg(long, default_value_t = 10_000)]
+    rebalance_interval_ms: u64,
+    /// A hot host stays hot until its CPU (percent) falls below this.
+    #[arg(long, default_value_t = 70.0)]
+    rebalance_exit_cpu_percent: f64,
+    /// An anomalous host stays so until its anomaly score falls below this.
+    #[arg(long, default_value_t = 0.25)]
+    rebalance_exit_anomaly_score: f64,
+    /// Seconds a VM stays on its host after a move before it may move again.
+    #[arg(long, default_value_t = 600)]
+    rebalance_dwell_secs: u64,
+    /// Seconds a host that took part in a move is left alone.
+    #[arg(long, default_value_t = 120)]
+    rebalance_cooldown_secs: u64,
+    /// Score points a target must beat the source by (1,000,000 = a full host's reservations;
+    /// a hot host loses 4,000,000, an anomalous one 8,000,000).
+    #[arg(long, default_value_t = 500_000)]
+    rebalance_min_improvement: i64,
+    /// Rebalancer migrations in flight at most.
+    #[arg(long, default_value_t = 2)]
+    rebalance_max_concurrent: usize,
+}
+
+fn permille(flag: &str, v: f64, max: f64) -> anyhow::Result<u32> {
+    if !(0.0..=max).contains(&v) {
+        bail!("invalid --{flag} {v}: expected a number in 0..={max}");
+    }
+    Ok((v / max * 1000.0).round() as u32)
+}
+
+impl SchedArgs {
+    fn apply(&self, cfg: &mut ServerConfig) -> anyhow::Result<()> {
+        cfg.thresholds.hot_cpu_permille = permille("hot-cpu-percent", self.hot_cpu_percent, 100.0)?;
+        cfg.thresholds.anomaly_permille = permille("anomaly-score", self.anomaly_score, 1.0)?;
+        let r = &mut cfg.rebalance;
+        r.mode = self.rebalance;
+        if self.rebalance_interval_ms == 0 {
+            bail!("invalid --rebalance-interval-ms 0: expected at least 1");
+        }
+        r.interval = Duration::from_millis(self.rebalance_interval_ms);
+        r.exit_cpu_permille = permille(
+            "rebalance-exit-cpu-percent",
+            self.rebalance_exit_cpu_percent,
+            100.0,
+        )?;
+        r.exit_anomaly_permille = permille(
+            "rebalance-exit-anomaly-score",
+            self.rebalance_exit_anomaly_score,
+            1.0,
+        )?;
+        if r.exit_cpu_permille > cfg.thresholds.hot_cpu_permille {
+            bail!(
+                "invalid --rebalance-exit-cpu-percent {}: expected at most --hot-cpu-percent {} (a host leaves the hot state below where it enters it)",
+                self.rebalance_exit_cpu_percent,
+                self.hot_cpu_percent
+            );
+        }
+        if r.exit_anomaly_permille > cfg.thresholds.anomaly_permille {
+            bail!(
+                "invalid --rebalance-exit-anomaly-score {}: expected at most --anomaly-score {} (a host leaves the anomalous state below where it enters it)",
+                self.rebalance_exit_anomaly_score,
+                self.anomaly_score
+            );
+        }
+        r.min_dwell = Duration::from_secs(self.rebalance_dwell_secs);
+        r.host_cooldown = Duration::from_secs(self.rebalance_cooldown_secs);
+        if self.rebalance_min_improvement < 0 {
+            bail!(
+                "invalid --rebalance-min-improvement {}: expected 0 or more",
+                self.rebalance_min_improvement
+            );
+        }
+        r.min_improvement = self.rebalance_min_improvement;
+        r.max_concurrent = self.rebalance_max_concurrent;
+        Ok(())
+    }
 }
 
 fn parse_members(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
@@ -114,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
             snapshot_every,
             keep_after_snapshot,
             down_after_secs,
+            sched,
         } => {
             let mut cfg = ServerConfig::single(id, listen, data_dir);
             if let Some(m) = initial_members {
@@ -126,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.snapshot_every = snapshot_every;
             cfg.keep_after_snapshot = keep_after_snapshot;
             cfg.down_after = Duration::from_secs(down_after_secs);
+            sched.apply(&mut cfg)?;
             let shutdown = async {
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -21,7 +21,8 @@ use openraft::{BasicNode, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use crate::scheduler::Policy;
+use crate::rebalancer::Board;
+use crate::scheduler::{HostLoad, Loads, Policy, Thresholds};
 use crate::state::{Command, HostState, Reply, StateError};
 use crate::store::{Applying, NodeId, StateMachineStore, TypeConfig};
 
@@ -68,6 +69,8 @@ pub enum ForwardRequest {
     AddMember(NodeId, String),
     /// Remove a voter.
     RemoveMember(NodeId),
+    /// The rebalancer's current proposals.
+    Proposals,
 }
 
 /// The leader's answer.
@@ -81,6 +84,8 @@ pub enum ForwardReply {
     ReadIndex(u64, NodeId),
     /// Membership changed.
     Members,
+    /// The rebalancer's proposals.
+    Proposals(Board, NodeId),
     /// Failed.
     Error(CoreError),
 }
@@ -142,6 +147,8 @@ pub struct Options {
     pub write_timeout: Duration,
     /// Election timeout minimum (ms).
     pub election_timeout_ms: u64,
+    /// When a host counts as hot or anomalous for placement.
+    pub thresholds: Thresholds,
 }
 
 /// How fresh a read is.
@@ -170,6 +177,7 @@ pub struct Node {
     liveness: Mutex<HashMap<String, Liveness>>,
     peers: Mutex<HashMap<String, RaftTransportClient<Channel>>>,
     quorum_ok_at: Mutex<Option<Instant>>,
+    board: Mutex<Board>,
 }
 
 impl Node {
@@ -182,6 +190,7 @@ impl Node {
             liveness: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             quorum_ok_at: Mutex::new(None),
+            board: Mutex::new(Board::default()),
         })
     }
 
@@ -197,7 +206,8 @@ impl Node {
         Some((id, addr))
     }
 
-    fn is_leader(&self) -> bool {
+    /// Whether this node is the leader now.
+    pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
         m.state == ServerState::Leader && m.current_leader == Some(self.opts.id)
@@ -317,6 +327,7 @@ impl Node {
                 .remove_member_local(id)
                 .await
                 .map(|_| ForwardReply::Members),
+            ForwardRequest::Proposals => Ok(ForwardReply::Proposals(self.board(), self.opts.id)),
         };
         r.unwrap_or_else(ForwardReply::Error)
     }
@@ -342,7 +353,7 @@ impl Node {
             )));
         }
         self.check_quorum().await?;
-        let fut = self.raft.client_write(cmd);
+        let fut = self.raft.client_write(self.with_loads(cmd));
         let res = tokio::time::timeout(self.opts.write_timeout, fut)
             .await
             .map_err(|_| CoreError::Uncertain(self.opts.write_timeout))?;
@@ -359,6 +370,68 @@ impl Node {
                 )))
             }
             Err(e) => Err(CoreError::Raft(e.to_string())),
+        }
+    }
+
+    /// Puts the load inputs this leader scores with (the hosts that are hot or anomalous) into a
+    /// command that places a VM, so that every replica computes the same placement.
+    fn with_loads(&self, mut cmd: Command) -> Command {
+        match &mut cmd {
+            Command::CreateVm { loads, .. } => *loads = self.placement_loads(),
+            Command::StartMigration {
+                loads, target_host, ..
+            } if target_host.is_empty() => *loads = self.placement_loads(),
+            _ => {}
+        }
+        cmd
+    }
+
+    /// The load inputs of placement: this node's thresholds and the load of every host that
+    /// heartbeated since this node became leader (in-memory liveness).
+    pub fn loads(&self) -> Loads {
+        self.loads_where(|_, _| true)
+    }
+
+    fn loads_where(&self, keep: impl Fn(&Thresholds, &HostLoad) -> bool) -> Loads {
+        let t = self.opts.thresholds;
+        let l = self.liveness.lock().expect("liveness lock");
+        Loads {
+            thresholds: t,
+            hosts: l
+                .iter()
+                .filter_map(|(id, live)| {
+                    let hb = live.last.as_ref()?;
+                    let load = HostLoad::from_report(hb.cpu_utilisation, &hb.anomalies);
+                    keep(&t, &load).then(|| (id.clone(), load))
+                })
+                .collect(),
+        }
+    }
+
+    /// [`Node::loads`] of the hosts that are hot or anomalous only (what a command carries),
+    /// without building the whole fleet's map first.
+    fn placement_loads(&self) -> Loads {
+        self.loads_where(|t, l| t.hot(l) || t.anomalous(l))
+    }
+
+    /// The rebalancer's proposals on this node.
+    pub fn board(&self) -> Board {
+        self.board.lock().expect("board lock").clone()
+    }
+
+    /// Publishes the rebalancer's proposals.
+    pub fn set_board(&self, b: Board) {
+        *self.board.lock().expect("board lock") = b;
+    }
+
+    /// The leader's rebalancer proposals (forwarded to the leader).
+    pub async fn proposals(&self) -> Result<(Board, NodeId), CoreError> {
+        if self.is_leader() {
+            return Ok((self.board(), self.opts.id));
+        }
+        match self.forward(ForwardRequest::Proposals).await? {
+            ForwardReply::Proposals(b, l) => Ok((b, l)),
+            other => Err(CoreError::Raft(format!("unexpected reply {other:?}"))),
         }
     }
 

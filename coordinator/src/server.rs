@@ -14,7 +14,8 @@ use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 use crate::api::Api;
 use crate::network::{Network, TransportService};
 use crate::node::{Node, Options};
-use crate::scheduler::Policy;
+use crate::rebalancer::{self, Board};
+use crate::scheduler::{Policy, Thresholds};
 use crate::store::{self, NodeId};
 
 /// Everything needed to run one coordinator.
@@ -39,6 +40,10 @@ pub struct ServerConfig {
     pub heartbeat_interval: Duration,
     /// Silence after which a host is Down.
     pub down_after: Duration,
+    /// When a host counts as hot or anomalous (placement, and the rebalancer's enter thresholds).
+    pub thresholds: Thresholds,
+    /// The rebalancer.
+    pub rebalance: rebalancer::Config,
 }
 
 impl ServerConfig {
@@ -56,6 +61,8 @@ impl ServerConfig {
             keep_after_snapshot: 1_000,
             heartbeat_interval: Duration::from_secs(5),
             down_after: Duration::from_secs(15),
+            thresholds: Thresholds::default(),
+            rebalance: rebalancer::Config::default(),
         }
     }
 }
@@ -146,9 +153,17 @@ pub async fn run(
             down_after: cfg.down_after,
             write_timeout: Duration::from_secs(5),
             election_timeout_ms: election_min,
+            thresholds: cfg.thresholds,
         },
     );
     tokio::spawn(node.clone().liveness_loop());
+    node.set_board(Board {
+        mode: cfg.rebalance.mode,
+        proposals: vec![],
+    });
+    let mut rebalance = cfg.rebalance.clone();
+    rebalance.policy = cfg.policy;
+    tokio::spawn(rebalancer::run(node.clone(), rebalance));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<Api>>().await;

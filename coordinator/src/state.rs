@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::{self, Policy};
+use crate::scheduler::{self, Loads, Policy};
 
 /// CPU and memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +185,9 @@ pub enum Command {
         start: bool,
         /// Placement policy of the proposing leader.
         policy: Policy,
+        /// The load inputs the leader scored with (filled in by the leader when it proposes).
+        #[serde(default)]
+        loads: Loads,
     },
     /// Set what should happen to a VM.
     SetVmDesired {
@@ -208,6 +211,9 @@ pub enum Command {
         requested_by: String,
         /// Placement policy when the scheduler picks.
         policy: Policy,
+        /// The load inputs the leader scored with when the scheduler picks.
+        #[serde(default)]
+        loads: Loads,
     },
     /// Progress from an agent.
     ReportMigration {
@@ -226,6 +232,16 @@ pub enum Command {
     CancelMigration {
         /// Migration id.
         id: String,
+    },
+    /// Raise an event and change nothing else (e.g. a rebalancer proposal), so that it is in
+    /// every replica's event sequence.
+    Notice {
+        /// Event kind, `rebalancer.` followed by [a-z_.].
+        kind: String,
+        /// The record it is about.
+        object_id: String,
+        /// Human text.
+        message: String,
     },
 }
 
@@ -361,6 +377,15 @@ pub fn validate(cmd: &Command) -> Result<(), StateError> {
             if resources.vcpus == 0 || resources.memory_mib == 0 {
                 return invalid("resources", "at least 1 vCPU and 1 MiB of memory");
             }
+        }
+        Command::Notice { kind, .. }
+            if !kind.strip_prefix("rebalancer.").is_some_and(|k| {
+                !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_lowercase() || matches!(c, '_' | '.'))
+            }) =>
+        {
+            return invalid("notice kind", "\"rebalancer.\" followed by [a-z_.]");
         }
         Command::ReportMigration { phase, .. } if *phase == Phase::Pending => {
             return invalid("phase", "RUNNING, SUCCEEDED, FAILED or CANCELLED");
@@ -512,6 +537,7 @@ impl ClusterState {
                 anti_affinity_group,
                 start,
                 policy,
+                loads,
             } => {
                 if let Some(id) = self.vm_names.get(name) {
                     return Err(StateError::AlreadyExists {
@@ -526,8 +552,8 @@ impl ClusterState {
                     anti_affinity_group,
                     exclude: None,
                 };
-                let host_id =
-                    scheduler::place(&self.hosts, &self.vms, &req, *policy).map_err(|r| {
+                let host_id = scheduler::place(&self.hosts, &self.vms, &req, *policy, loads)
+                    .map_err(|r| {
                         StateError::NoCapacity(format!("{} hosts: {r}", self.hosts.len()))
                     })?;
                 let id = format!("vm-{index}");
@@ -605,6 +631,7 @@ impl ClusterState {
                 target_host,
                 requested_by,
                 policy,
+                loads,
             } => {
                 let vm = self.vm(vm_id)?.clone();
                 if !vm.migration_id.is_empty() {
@@ -620,7 +647,7 @@ impl ClusterState {
                         anti_affinity_group: &vm.anti_affinity_group,
                         exclude: Some(&vm.host_id),
                     };
-                    scheduler::place(&self.hosts, &self.vms, &req, *policy)
+                    scheduler::place(&self.hosts, &self.vms, &req, *policy, loads)
                         .map_err(|r| StateError::NoCapacity(format!("migration target: {r}")))?
                 } else {
                     let t = self.host(target_host)?;
@@ -739,6 +766,14 @@ impl ClusterState {
                 ));
                 Ok(Reply::Migration(self.migrations[id].clone()))
             }
+            Command::Notice {
+                kind,
+                object_id,
+                message,
+            } => {
+                events.push(ev(kind, object_id, message.clone()));
+                Ok(Reply::Empty)
+            }
         }
     }
 
@@ -822,6 +857,7 @@ mod tests {
             anti_affinity_group: String::new(),
             start: true,
             policy: Policy::BinPack,
+            loads: Loads::default(),
         }
     }
 
@@ -891,6 +927,7 @@ mod tests {
             target_host: String::new(),
             requested_by: "user".into(),
             policy: Policy::BinPack,
+            loads: Loads::default(),
         };
         let (Reply::Migration(m), _, _) = s.apply(4, &start).unwrap() else {
             panic!()
@@ -949,5 +986,29 @@ mod tests {
             s.apply(7, &create("b", 1, 1)),
             Err(StateError::NoCapacity(_))
         ));
+    }
+
+    #[test]
+    fn a_notice_raises_an_event_and_changes_nothing_else() {
+        let mut s = ClusterState::default();
+        s.apply(1, &reg("h1", 4, 4096)).unwrap();
+        let before = s.clone();
+        let notice = |kind: &str| Command::Notice {
+            kind: kind.into(),
+            object_id: "vm-2".into(),
+            message: "move vm-2 h1 -> h2".into(),
+        };
+        let (r, keys, ev) = s.apply(2, &notice("rebalancer.proposed")).unwrap();
+        assert_eq!((r, keys.len()), (Reply::Empty, 0));
+        assert_eq!((ev[0].seq, ev[0].kind.as_str()), (2, "rebalancer.proposed"));
+        assert_eq!(
+            ClusterState {
+                event_seq: before.event_seq,
+                ..s.clone()
+            },
+            before
+        );
+        let err = s.apply(3, &notice("vm.created")).unwrap_err();
+        assert!(err.to_string().starts_with("invalid notice kind"), "{err}");
     }
 }

@@ -128,6 +128,8 @@ pub struct ClusterOptions {
     pub down_after_secs: u64,
     /// Placement policy name.
     pub policy: String,
+    /// More `run` flags (e.g. the rebalancer's).
+    pub extra_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -137,6 +139,7 @@ impl Default for ClusterOptions {
             keep_after_snapshot: 1_000,
             down_after_secs: 15,
             policy: "binpack".into(),
+            extra_args: vec![],
         }
     }
 }
@@ -196,6 +199,7 @@ impl TestCluster {
             "--policy".into(),
             self.opts.policy.clone(),
         ];
+        args.extend(self.opts.extra_args.iter().cloned());
         match members {
             Some(m) => args.extend(["--initial-members".to_string(), m.to_string()]),
             None => args.push("--join".into()),
