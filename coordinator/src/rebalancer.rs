@@ -11,7 +11,9 @@
 //! 2. A VM that moved (or whose move was attempted) stays put for `min_dwell`; a host that was
 //!    the source or target of a move is left alone for `host_cooldown`. A new leader counts
 //!    every migration it finds done as if it had just ended.
-//! 3. A move is proposed only when the target's score with the VM beats the source's score by
+//! 3. Each round examines at most [`MAX_SOURCES_PER_ROUND`] pressured hosts and
+//!    [`MAX_VMS_PER_SOURCE`] VMs of each, so its work stays bounded on a large fleet.
+//! 4. A move is proposed only when the target's score with the VM beats the source's score by
 //!    `min_improvement` points, the target is not pressured, and at most
 //!    `max_concurrent` rebalancer migrations run at once; each host takes part in at most one
 //!    proposal per round.
@@ -25,6 +27,11 @@ use serde::{Deserialize, Serialize};
 use crate::node::Node;
 use crate::scheduler::{self, Loads, Policy};
 use crate::state::{ClusterState, Command, HostState, Reply, Resources};
+
+/// Pressured hosts examined per round, the worst first (bounds a round's work on a large fleet).
+pub const MAX_SOURCES_PER_ROUND: usize = 16;
+/// VMs of one source tried per round (the starved one, then the largest).
+pub const MAX_VMS_PER_SOURCE: usize = 4;
 
 /// What the rebalancer does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -253,9 +260,19 @@ pub fn decide(
             (*id).clone(),
         )
     });
+    // Targets: up, not pressured, not busy at the start of the round (ascending id).
+    let targets: Vec<_> = state
+        .hosts
+        .values()
+        .filter(|h| h.state == HostState::Up && !busy.contains(&h.id))
+        .filter(|h| history.pressured(&h.id).is_none())
+        .collect();
+    if targets.is_empty() {
+        return vec![];
+    }
 
     let mut out = Vec::new();
-    for (src, pressure) in sources {
+    for (src, pressure) in sources.into_iter().take(MAX_SOURCES_PER_ROUND) {
         if budget == 0 {
             break;
         }
@@ -289,14 +306,15 @@ pub fn decide(
             ),
             (false, _) => format!("{src} is hot (CPU {:.1}%)", load.cpu_permille as f64 / 10.0),
         };
-        'vms: for vm in candidates {
+        'vms: for vm in candidates.into_iter().take(MAX_VMS_PER_SOURCE) {
             let req = scheduler::Request {
                 resources: vm.resources,
                 selector: &BTreeMap::new(),
                 anti_affinity_group: &vm.anti_affinity_group,
                 exclude: Some(src),
             };
-            let Ok(ranked) = scheduler::rank(&state.hosts, &state.vms, &req, cfg.policy, loads)
+            let Ok(ranked) =
+                scheduler::rank_among(targets.iter().copied(), &state.vms, &req, cfg.policy, loads)
             else {
                 continue;
             };
@@ -305,7 +323,7 @@ pub fn decide(
                     // Ranked best first: no later target does better.
                     break;
                 }
-                if busy.contains(&target) || history.pressured(&target).is_some() {
+                if busy.contains(&target) {
                     continue;
                 }
                 busy.insert(src.clone());
@@ -778,6 +796,46 @@ mod tests {
         assert_eq!(
             (p[0].vm_name.as_str(), p[0].target_host.as_str()),
             ("b", "h4")
+        );
+    }
+
+    #[test]
+    fn a_round_examines_at_most_the_worst_sources() {
+        // h1..h17 hot (h1 hottest); the VMs of h1..h16 fill a host and fit nowhere, only h17's
+        // small VM would fit on h18. The round stops after the 16 worst sources.
+        let names: Vec<String> = (1..=18).map(|i| format!("v{i}")).collect();
+        let hosts: Vec<String> = (1..=18).map(|i| format!("h{i}")).collect();
+        let vms: Vec<(&str, &str, u32)> = (0..18)
+            .map(|i| {
+                (
+                    names[i].as_str(),
+                    hosts[i].as_str(),
+                    if i < 16 { 8 } else { 1 },
+                )
+            })
+            .collect();
+        let s = cluster(18, &vms);
+        let list: Vec<(&str, u32, u32, &str)> = (0..18)
+            .map(|i| {
+                (
+                    hosts[i].as_str(),
+                    if i < 17 { 999 - i as u32 } else { 100 },
+                    0,
+                    "",
+                )
+            })
+            .collect();
+        let l = loads(&s, &list);
+        assert_eq!(MAX_SOURCES_PER_ROUND, 16);
+        assert!(decide(&cfg(), &s, &l, &mut History::default(), 0).is_empty());
+        // Once h1 cools down below the exit threshold, h17 is among the 16 worst.
+        let mut cooler = list.clone();
+        cooler[0].1 = 100;
+        let p = decide(&cfg(), &s, &loads(&s, &cooler), &mut History::default(), 0);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(
+            (p[0].source_host.as_str(), p[0].target_host.as_str()),
+            ("h17", "h18")
         );
     }
 

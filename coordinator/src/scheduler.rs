@@ -227,9 +227,21 @@ pub fn rank(
     policy: Policy,
     loads: &Loads,
 ) -> Result<Vec<(String, i64)>, Rejections> {
+    rank_among(hosts.values(), vms, req, policy, loads)
+}
+
+/// [`rank`] over some of the hosts, given in ascending id order.
+pub fn rank_among<'a>(
+    hosts: impl IntoIterator<Item = &'a Host>,
+    vms: &BTreeMap<String, Vm>,
+    req: &Request<'_>,
+    policy: Policy,
+    loads: &Loads,
+) -> Result<Vec<(String, i64)>, Rejections> {
     let mut rej = Rejections::default();
     let mut out = Vec::new();
-    for (id, h) in hosts {
+    for h in hosts {
+        let id = &h.id;
         if req.exclude == Some(id.as_str()) {
             rej.excluded += 1;
             continue;
