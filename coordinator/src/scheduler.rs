@@ -160,6 +160,7 @@ mod tests {
             labels: BTreeMap::new(),
             state: HostState::Up,
             vm_ids: vec![],
+            draining: false,
         }
     }
 

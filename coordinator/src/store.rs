@@ -26,6 +26,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -148,8 +149,16 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
         tx.open_table(LOG).map_err(|e| load("tables", any(e)))?;
         tx.commit().map_err(|e| load("tables", any(e)))?;
     }
-    let sm = StateMachineStore::load(db.clone()).map_err(|e| load("state machine", e))?;
-    Ok((LogStore { db }, sm))
+    let mut sm = StateMachineStore::load(db.clone()).map_err(|e| load("state machine", e))?;
+    let log = LogStore {
+        db,
+        last_index: Arc::new(AtomicU64::new(0)),
+    };
+    let last = log.last_log_id().map_err(|e| load("log state", e))?;
+    log.last_index
+        .store(last.map(|l| l.index).unwrap_or(0), Ordering::SeqCst);
+    sm.log_last_index = log.last_index.clone();
+    Ok((log, sm))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -159,9 +168,26 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// Index of the last entry in the log (0 when empty), shared with the state machine store
+    /// so that the leader can use it as its read barrier (see `Node::read_index_local`).
+    last_index: Arc<AtomicU64>,
 }
 
 impl LogStore {
+    fn last_log_id(&self) -> Result<Option<LogId<NodeId>>, AnyError> {
+        let purged: Option<LogId<NodeId>> = self.get_meta("purged")?;
+        let tx = self.db.begin_read().map_err(any)?;
+        let t = tx.open_table(LOG).map_err(any)?;
+        let last = match t.last().map_err(any)? {
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> = serde_json::from_slice(v.value()).map_err(any)?;
+                Some(e.log_id)
+            }
+            None => purged,
+        };
+        Ok(last)
+    }
+
     fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AnyError> {
         let tx = self.db.begin_read().map_err(any)?;
         let t = tx.open_table(META).map_err(any)?;
@@ -212,19 +238,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
         let read = || -> Result<LogState<TypeConfig>, AnyError> {
-            let purged: Option<LogId<NodeId>> = self.get_meta("purged")?;
-            let tx = self.db.begin_read().map_err(any)?;
-            let t = tx.open_table(LOG).map_err(any)?;
-            let last = match t.last().map_err(any)? {
-                Some((_, v)) => {
-                    let e: Entry<TypeConfig> = serde_json::from_slice(v.value()).map_err(any)?;
-                    Some(e.log_id)
-                }
-                None => purged,
-            };
             Ok(LogState {
-                last_purged_log_id: purged,
-                last_log_id: last,
+                last_purged_log_id: self.get_meta("purged")?,
+                last_log_id: self.last_log_id()?,
             })
         };
         read().map_err(io::read_logs)
@@ -283,6 +299,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .into_iter()
             .map(|e| (e.log_id.index, to_json(&e)))
             .collect();
+        let last = rows.last().map(|r| r.0);
         let res = self
             .write_durable(move |tx| {
                 let mut t = tx.open_table(LOG).map_err(any)?;
@@ -295,6 +312,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Only now, after the fsync, does openraft learn that the entries are durable.
         match res {
             Ok(()) => {
+                if let Some(i) = last {
+                    self.last_index.store(i, Ordering::SeqCst);
+                }
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
@@ -312,7 +332,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Ok(())
         })
         .await
-        .map_err(io::write_logs)
+        .map_err(io::write_logs)?;
+        self.last_index
+            .store(log_id.index.saturating_sub(1), Ordering::SeqCst);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
@@ -357,6 +380,8 @@ pub struct StateMachineStore {
     pub events: broadcast::Sender<Event>,
     /// The last applied index (for waiting on freshness).
     pub applied_tx: Arc<watch::Sender<u64>>,
+    /// Index of the last entry in this node's Raft log (durable on this node).
+    pub log_last_index: Arc<AtomicU64>,
 }
 
 fn frame_snapshot(state: &ClusterState) -> Vec<u8> {
@@ -451,6 +476,7 @@ impl StateMachineStore {
             })),
             events: broadcast::channel(EVENTS_KEPT).0,
             applied_tx: Arc::new(watch::channel(index).0),
+            log_last_index: Arc::new(AtomicU64::new(0)),
         })
     }
 
