@@ -390,12 +390,26 @@ pub fn validate(cmd: &Command) -> Result<(), StateError> {
 
 impl ClusterState {
     /// Rebuilds the derived name index after loading `vms`.
+    ///
+    /// Also rebuilds every host's `vm_ids` from the VMs' `host_id` (the store keeps host rows
+    /// without that list; a host's `vm_ids` are exactly the VMs whose `host_id` it is).
     pub fn rebuild_index(&mut self) {
         self.vm_names = self
             .vms
             .values()
             .map(|v| (v.name.clone(), v.id.clone()))
             .collect();
+        for h in self.hosts.values_mut() {
+            h.vm_ids.clear();
+        }
+        for v in self.vms.values() {
+            if let Some(h) = self.hosts.get_mut(&v.host_id) {
+                h.vm_ids.push(v.id.clone());
+            }
+        }
+        for h in self.hosts.values_mut() {
+            h.vm_ids.sort();
+        }
     }
 
     /// Applies `cmd` committed at `index`. On error nothing changed. Returns the reply, the
