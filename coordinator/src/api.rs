@@ -108,6 +108,7 @@ fn host_pb(node: &Node, h: &Host) -> pb::Host {
             .unwrap_or(0),
         cpu_utilisation: last.cpu_utilisation,
         memory_used_mib: last.memory_used_mib,
+        draining: h.draining,
     }
 }
 

@@ -475,13 +475,27 @@ impl Node {
         Ok((f(&g), fresh))
     }
 
+    /// The index a linearizable read must wait for: every entry in the leader's log when the
+    /// read arrived, once its leadership is confirmed by a quorum.
+    ///
+    /// openraft's own read index (`max(noop, committed)`) is not enough after a restart: a
+    /// leader that restarts keeps its term and vote, proposes no new blank entry, and reloads a
+    /// `committed` that may be behind the last write it acknowledged before it died (committed
+    /// is not fsynced). Its read index would then miss that acknowledged write until the next
+    /// commit. Every acknowledged write is in the leader's log (Raft's leader completeness), so
+    /// waiting until the last entry in the log is applied covers them all; the cost is that a
+    /// read also waits for writes still in flight when it arrived.
     async fn read_index_local(&self) -> Result<u64, CoreError> {
         self.check_quorum().await?;
-        let r = tokio::time::timeout(self.opts.write_timeout, self.raft.ensure_linearizable())
+        let last = self
+            .sm
+            .log_last_index
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let r = tokio::time::timeout(self.opts.write_timeout, self.raft.get_read_log_id())
             .await
             .map_err(|_| CoreError::NoQuorum("leadership not confirmed in time".into()))?;
         match r {
-            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Ok((read, _applied)) => Ok(read.map(|l| l.index).unwrap_or(0).max(last)),
             Err(e) => Err(CoreError::NoQuorum(e.to_string())),
         }
     }

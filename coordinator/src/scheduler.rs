@@ -340,6 +340,7 @@ mod tests {
             labels: BTreeMap::new(),
             state: HostState::Up,
             vm_ids: vec![],
+            draining: false,
         }
     }
 

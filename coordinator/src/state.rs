@@ -44,6 +44,10 @@ pub enum HostState {
 }
 
 /// A hypervisor host.
+///
+/// Liveness and drain are separate facts: `draining` is set only by an operator's drain and is
+/// never undone by liveness; `state` is the combined view (`Down` when silent, else `Draining`
+/// when draining, else `Up`), so a drained host that goes down and comes back is draining again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Host {
     /// Unique id (the agent's name).
@@ -56,10 +60,24 @@ pub struct Host {
     pub allocated: Resources,
     /// Labels for selectors.
     pub labels: BTreeMap<String, String>,
-    /// Up, draining or down.
+    /// Up, draining or down (the combined view of liveness and `draining`).
     pub state: HostState,
     /// VMs placed here (sorted).
     pub vm_ids: Vec<String>,
+    /// An operator drained this host; liveness transitions never clear it.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+impl Host {
+    /// The state a live (heartbeating) host has: `Draining` once drained, else `Up`.
+    fn live_state(&self) -> HostState {
+        if self.draining {
+            HostState::Draining
+        } else {
+            HostState::Up
+        }
+    }
 }
 
 /// What should happen to a VM.
@@ -397,12 +415,26 @@ pub fn validate(cmd: &Command) -> Result<(), StateError> {
 
 impl ClusterState {
     /// Rebuilds the derived name index after loading `vms`.
+    ///
+    /// Also rebuilds every host's `vm_ids` from the VMs' `host_id` (the store keeps host rows
+    /// without that list; a host's `vm_ids` are exactly the VMs whose `host_id` it is).
     pub fn rebuild_index(&mut self) {
         self.vm_names = self
             .vms
             .values()
             .map(|v| (v.name.clone(), v.id.clone()))
             .collect();
+        for h in self.hosts.values_mut() {
+            h.vm_ids.clear();
+        }
+        for v in self.vms.values() {
+            if let Some(h) = self.hosts.get_mut(&v.host_id) {
+                h.vm_ids.push(v.id.clone());
+            }
+        }
+        for h in self.hosts.values_mut() {
+            h.vm_ids.sort();
+        }
     }
 
     /// Applies `cmd` committed at `index`. On error nothing changed. Returns the reply, the
@@ -474,12 +506,13 @@ impl ClusterState {
                     labels: BTreeMap::new(),
                     state: HostState::Up,
                     vm_ids: vec![],
+                    draining: false,
                 });
                 h.address = address.clone();
                 h.capacity = *capacity;
                 h.labels = labels.clone();
                 if h.state == HostState::Down {
-                    h.state = HostState::Up;
+                    h.state = h.live_state();
                 }
                 keys.push(Key::Host(id.clone()));
                 events.push(ev(
@@ -495,10 +528,11 @@ impl ClusterState {
             Command::SetHostState { id, state } => {
                 let cur = self.host(id)?.state;
                 let h = self.hosts.get_mut(id).expect("checked");
-                // Liveness never undoes a drain: a draining host that comes back stays draining.
-                let new = match (cur, state) {
-                    (HostState::Draining, HostState::Up) => HostState::Draining,
-                    (_, s) => *s,
+                // Liveness only says down or alive; whether an alive host is draining is
+                // `draining`'s business, which liveness never touches.
+                let new = match state {
+                    HostState::Down => HostState::Down,
+                    HostState::Up | HostState::Draining => h.live_state(),
                 };
                 if new != cur {
                     h.state = new;
@@ -518,8 +552,11 @@ impl ClusterState {
             Command::DrainHost { id } => {
                 self.host(id)?;
                 let h = self.hosts.get_mut(id).expect("checked");
-                if h.state != HostState::Draining {
-                    h.state = HostState::Draining;
+                if !h.draining {
+                    h.draining = true;
+                    if h.state != HostState::Down {
+                        h.state = HostState::Draining;
+                    }
                     keys.push(Key::Host(id.clone()));
                     events.push(ev(
                         "host.draining",
@@ -986,6 +1023,39 @@ mod tests {
             s.apply(7, &create("b", 1, 1)),
             Err(StateError::NoCapacity(_))
         ));
+        // Liveness never undoes a drain: a drained host that goes silent is Down and still
+        // draining; when it heartbeats (or re-registers) again it is Draining, not Up.
+        s.apply(8, &set(HostState::Down)).unwrap();
+        assert_eq!(s.hosts["h1"].state, HostState::Down);
+        assert!(s.hosts["h1"].draining);
+        s.apply(9, &set(HostState::Up)).unwrap();
+        assert_eq!(s.hosts["h1"].state, HostState::Draining);
+        s.apply(10, &set(HostState::Down)).unwrap();
+        s.apply(11, &reg("h1", 4, 4096)).unwrap();
+        assert_eq!(s.hosts["h1"].state, HostState::Draining);
+        assert!(s.hosts["h1"].draining);
+        // A drain of a down host is recorded and shows once it is alive again.
+        s.apply(12, &reg("h2", 4, 4096)).unwrap();
+        s.apply(
+            13,
+            &Command::SetHostState {
+                id: "h2".into(),
+                state: HostState::Down,
+            },
+        )
+        .unwrap();
+        s.apply(14, &Command::DrainHost { id: "h2".into() })
+            .unwrap();
+        assert_eq!(s.hosts["h2"].state, HostState::Down);
+        s.apply(
+            15,
+            &Command::SetHostState {
+                id: "h2".into(),
+                state: HostState::Up,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.hosts["h2"].state, HostState::Draining);
     }
 
     #[test]
