@@ -142,6 +142,8 @@ pub struct Options {
     pub write_timeout: Duration,
     /// Election timeout minimum (ms).
     pub election_timeout_ms: u64,
+    /// This node's certificate and the cluster CA, for dialing peers.
+    pub tls: crate::tls::NodeTls,
 }
 
 /// How fresh a read is.
@@ -254,15 +256,19 @@ impl Node {
         ))
     }
 
-    fn peer(&self, addr: &str) -> Result<RaftTransportClient<Channel>, CoreError> {
+    fn peer(&self, id: NodeId, addr: &str) -> Result<RaftTransportClient<Channel>, CoreError> {
         let mut peers = self.peers.lock().expect("peers lock");
-        if let Some(c) = peers.get(addr) {
+        let key = format!("{id}@{addr}");
+        if let Some(c) = peers.get(&key) {
             return Ok(c.clone());
         }
-        let ch = crate::network::channel(addr, self.opts.write_timeout + Duration::from_secs(1))
+        let ch = self
+            .opts
+            .tls
+            .peer_channel(id, addr, self.opts.write_timeout + Duration::from_secs(1))
             .map_err(|e| CoreError::Raft(format!("peer address {addr:?}: {e}")))?;
         let c = RaftTransportClient::new(ch);
-        peers.insert(addr.to_string(), c.clone());
+        peers.insert(key, c.clone());
         Ok(c)
     }
 
@@ -273,7 +279,7 @@ impl Node {
         if leader == self.opts.id {
             return Ok(self.handle_forwarded(req).await);
         }
-        let mut client = self.peer(&addr)?;
+        let mut client = self.peer(leader, &addr)?;
         let payload = RaftPayload {
             json: serde_json::to_vec(&req).expect("forward request serializes"),
         };

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use novacron_coordinator::testing::{client, Client, ClusterOptions, TestCluster};
+use novacron_coordinator::testing::{Client, ClusterOptions, TestCluster};
 use novacron_proto::coordinator::v1 as pb;
 use tonic::Code;
 
@@ -41,13 +41,13 @@ fn vm(name: &str) -> pb::CreateVmRequest {
 
 /// Writes through any node, moving on to the next one when a node is down or has no quorum.
 async fn create_anywhere(
-    addrs: &[String],
+    clients: &[Client],
     start: usize,
     name: &str,
 ) -> Result<pb::Vm, tonic::Status> {
     let mut last = None;
-    for k in 0..addrs.len() {
-        let mut c = client(&addrs[(start + k) % addrs.len()]);
+    for k in 0..clients.len() {
+        let mut c = clients[(start + k) % clients.len()].clone();
         match c.create_vm(vm(name)).await {
             Ok(r) => return Ok(r.into_inner().vm.expect("vm in reply")),
             Err(s) => last = Some(s),
@@ -110,13 +110,14 @@ async fn leader_sigkill_under_load_loses_no_acknowledged_write() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = vec![];
     for w in 0..6usize {
-        let (acked, failed, stop, addrs) =
-            (acked.clone(), failed.clone(), stop.clone(), addrs.clone());
+        let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+        // One connection per writer and node, kept across writes (as a real client would).
+        let clients: Vec<Client> = addrs.iter().map(|a| cluster.client(a)).collect();
         writers.push(tokio::spawn(async move {
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let name = format!("w{w}-{i}");
-                match create_anywhere(&addrs, w, &name).await {
+                match create_anywhere(&clients, w, &name).await {
                     Ok(v) => acked.lock().unwrap().push(v),
                     Err(s) => {
                         failed.lock().unwrap().push(format!("{name}: {s}"));
@@ -383,7 +384,8 @@ async fn members_join_by_snapshot_and_the_first_leaves_while_serving() {
         );
     }
     // Remove the first node (the leader) while serving; the other two elect a leader and go on.
-    let st = client(&cluster.nodes[1].addr)
+    let st = cluster
+        .client(&cluster.nodes[1].addr)
         .remove_member(pb::RemoveMemberRequest { id: 1 })
         .await
         .unwrap()
@@ -608,12 +610,8 @@ async fn api_on_one_node_validates_places_migrates_streams_and_tracks_liveness()
         assert!(kinds.iter().any(|x| x == k), "no {k} event in {kinds:?}");
     }
 
-    // Health.
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.nodes[0].addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    // Health (over TLS, no token needed).
+    let ch = cluster.creds.channel(&cluster.nodes[0].addr);
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
     let s = health
         .check(tonic_health::pb::HealthCheckRequest {
