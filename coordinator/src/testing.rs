@@ -49,9 +49,44 @@ impl Creds {
         CoordinatorClient::with_interceptor(self.channel(addr), self.bearer.clone())
     }
 
+    /// A client of `addr`, connected now.
+    pub async fn connect(&self, addr: &str) -> Result<Client, tonic::transport::Error> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(self.tls.config())?
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        Ok(CoordinatorClient::with_interceptor(ch, self.bearer.clone()))
+    }
+
     /// The bearer interceptor (for callers that build their own clients).
     pub fn bearer(&self) -> Bearer {
         self.bearer.clone()
+    }
+}
+
+/// Makes agents' credentials with certificates issued in memory by the cluster CA.
+#[derive(Clone)]
+pub struct AgentIssuer {
+    ca: novacron_migration::certs::Pem,
+}
+
+impl AgentIssuer {
+    /// Credentials of agent `host`: its own certificate, no token.
+    pub fn creds(&self, host: &str) -> Creds {
+        let pem = novacron_migration::certs::issue_agent(&self.ca, host)
+            .expect("issue an agent certificate");
+        let identity = tonic::transport::Identity::from_pem(pem.cert, pem.key);
+        let ca = tonic::transport::Certificate::from_pem(&self.ca.cert);
+        Creds::new(
+            ClientTls::new(
+                ca,
+                Some(identity),
+                novacron_migration::certs::COORDINATOR_NAME,
+            ),
+            None,
+        )
     }
 }
 
@@ -111,6 +146,17 @@ impl TestPki {
             ClientTls::new(ca, identity, novacron_migration::certs::COORDINATOR_NAME),
             token,
         )
+    }
+
+    /// Issues agent certificates in memory (no files): for load tools with many agents.
+    pub fn agent_issuer(&self) -> AgentIssuer {
+        let read = |p: PathBuf| std::fs::read_to_string(p).expect("read the test CA");
+        AgentIssuer {
+            ca: novacron_migration::certs::Pem {
+                cert: read(self.dir.ca_cert_path()),
+                key: read(self.dir.ca_key_path()),
+            },
+        }
     }
 
     /// Credentials with an admin token and no certificate.
