@@ -380,13 +380,17 @@ async fn foreign_certificates_fail_the_handshake_and_raft_is_for_coordinators() 
         .register_host(host("h1"))
         .await
         .expect_err("a certificate from another CA must be refused");
-    // The server answers the handshake with a fatal TLS alert.
+    // The server ends the connection during the handshake: the client sees a transport error
+    // (an alert, a closed or broken connection, depending on timing), never a gRPC answer.
+    let transport = std::error::Error::source(&e)
+        .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some());
     assert!(
-        matches!(
-            e.code(),
-            Code::Unavailable | Code::Unknown | Code::Cancelled
-        ) && format!("{e:?}").contains("alert"),
-        "expected a TLS alert, got {e:?}"
+        transport
+            && matches!(
+                e.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ),
+        "expected the connection to be refused, got {e:?}"
     );
     // The same token without that certificate works (the refusal was the certificate's),
     // and the host was not registered.
