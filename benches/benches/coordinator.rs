@@ -12,6 +12,10 @@
 //!   heartbeat as a key (a Put, the only way etcd can hold it).
 //!
 //! Clients talk to the leader in both systems (etcd's leader found with `etcdctl endpoint status`).
+//! The coordinator is measured as deployed: every connection is TLS; writers send an admin
+//! bearer token (checked on every call); each simulated agent presents its own certificate
+//! (issued in memory by the cluster CA) naming its host. etcd runs without TLS or auth, as
+//! before: the comparison favours etcd by that much.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,9 +26,10 @@ use std::time::{Duration, Instant};
 use novacron_benches::etcdserverpb::kv_client::KvClient;
 use novacron_benches::etcdserverpb::PutRequest;
 use novacron_benches::{release_binary, report, Record};
-use novacron_coordinator::testing::{free_port, ClusterOptions, TestCluster};
+use novacron_coordinator::testing::{
+    free_port, AgentIssuer, Client, ClusterOptions, Creds, TestCluster,
+};
 use novacron_proto::coordinator::v1 as pb;
-use novacron_proto::coordinator::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::{Channel, Endpoint};
 
 const ETCD: &str = "etcd";
@@ -46,6 +51,14 @@ async fn connect(addr: &str) -> Channel {
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"))
 }
 
+/// How the load tool authenticates to the coordinator: TLS with the cluster CA and an admin
+/// token for writes; each simulated agent with its own certificate for heartbeats.
+#[derive(Clone)]
+struct Auth {
+    admin: Creds,
+    agents: AgentIssuer,
+}
+
 /// Same-shaped record for both systems.
 fn vm_record(name: &str) -> Vec<u8> {
     format!(
@@ -56,17 +69,22 @@ fn vm_record(name: &str) -> Vec<u8> {
 
 #[derive(Clone)]
 enum Target {
-    Coord(CoordinatorClient<Channel>),
+    Coord(Client),
     Etcd(KvClient<Channel>),
 }
 
 impl Target {
-    async fn new(kind: &str, addr: &str) -> Target {
-        let ch = connect(addr).await;
+    /// A connection to `addr`: etcd plain; the coordinator over TLS with `creds`.
+    async fn new(kind: &str, addr: &str, creds: &Creds) -> Target {
         if kind == ETCD {
-            Target::Etcd(KvClient::new(ch))
+            Target::Etcd(KvClient::new(connect(addr).await))
         } else {
-            Target::Coord(CoordinatorClient::new(ch))
+            Target::Coord(
+                creds
+                    .connect(addr)
+                    .await
+                    .unwrap_or_else(|e| panic!("connect {addr}: {e}")),
+            )
         }
     }
 
@@ -138,6 +156,7 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 
 /// `clients` writers, each with its own connection, for `dur` (or `per_client` writes each).
 async fn write_load(
+    auth: &Auth,
     kind: &str,
     addr: &str,
     tag: &str,
@@ -147,7 +166,7 @@ async fn write_load(
 ) -> Stats {
     let mut targets = vec![];
     for _ in 0..clients {
-        targets.push(Target::new(kind, addr).await);
+        targets.push(Target::new(kind, addr, &auth.admin).await);
     }
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -196,6 +215,7 @@ async fn write_load(
 
 /// N agents, each with its own connection, heartbeating every `interval`, staggered.
 async fn heartbeat_load(
+    auth: &Auth,
     kind: &str,
     addr: &str,
     agents: usize,
@@ -206,17 +226,24 @@ async fn heartbeat_load(
     let targets = Arc::new(Mutex::new(Vec::with_capacity(agents)));
     let sem = Arc::new(tokio::sync::Semaphore::new(256));
     let mut tasks = vec![];
-    for _ in 0..agents {
-        let (sem, targets, kind, addr) = (
+    for i in 0..agents {
+        let (sem, targets, kind, addr, auth) = (
             sem.clone(),
             targets.clone(),
             kind.to_string(),
             addr.to_string(),
+            auth.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire().await.expect("semaphore");
-            let t = Target::new(&kind, &addr).await;
-            targets.lock().expect("targets").push(t);
+            // Each simulated agent presents its own certificate, naming its host.
+            let creds = if kind == ETCD {
+                auth.admin.clone()
+            } else {
+                auth.agents.creds(&format!("agent-{i}"))
+            };
+            let t = Target::new(&kind, &addr, &creds).await;
+            targets.lock().expect("targets").push((i, t));
         }));
     }
     for t in tasks {
@@ -228,7 +255,7 @@ async fn heartbeat_load(
     let start = tokio::time::Instant::now();
     let stop = start + dur;
     let mut tasks = vec![];
-    for (i, mut t) in targets.into_iter().enumerate() {
+    for (i, mut t) in targets {
         let errors = errors.clone();
         let offset = interval.mul_f64(i as f64 / agents as f64);
         tasks.push(tokio::spawn(async move {
@@ -406,7 +433,11 @@ async fn main() {
     let mut cluster = TestCluster::start(Path::new(&bin), dir.path(), 3, opts);
     let leader = cluster.wait_leader(Duration::from_secs(30)).await;
     let caddr = cluster.node(leader).addr.clone();
-    let mut c = CoordinatorClient::new(connect(&caddr).await);
+    let auth = Auth {
+        admin: cluster.creds.clone(),
+        agents: cluster.pki.agent_issuer(),
+    };
+    let mut c = cluster.client(&caddr);
     c.register_host(pb::RegisterHostRequest {
         id: "bench-host".into(),
         address: "bench-host:7300".into(),
@@ -455,14 +486,33 @@ async fn main() {
     };
 
     // Warm up both.
-    write_load("coord", &caddr, "warm", 4, Duration::from_secs(1), None).await;
-    write_load(ETCD, &eaddr, "warm", 4, Duration::from_secs(1), None).await;
+    write_load(
+        &auth,
+        "coord",
+        &caddr,
+        "warm",
+        4,
+        Duration::from_secs(1),
+        None,
+    )
+    .await;
+    write_load(&auth, ETCD, &eaddr, "warm", 4, Duration::from_secs(1), None).await;
 
-    let s = write_load("coord", &caddr, "s", 1, Duration::ZERO, Some(single_n)).await;
-    let r = write_load(ETCD, &eaddr, "s", 1, Duration::ZERO, Some(single_n)).await;
+    let s = write_load(
+        &auth,
+        "coord",
+        &caddr,
+        "s",
+        1,
+        Duration::ZERO,
+        Some(single_n),
+    )
+    .await;
+    let r = write_load(&auth, ETCD, &eaddr, "s", 1, Duration::ZERO, Some(single_n)).await;
     write_case("write, 1 client", &s, &r);
     for clients in [conc, 4 * conc] {
         let s = write_load(
+            &auth,
             "coord",
             &caddr,
             &format!("c{clients}"),
@@ -472,6 +522,7 @@ async fn main() {
         )
         .await;
         let r = write_load(
+            &auth,
             ETCD,
             &eaddr,
             &format!("c{clients}"),
@@ -487,9 +538,9 @@ async fn main() {
     {
         let sem = Arc::new(tokio::sync::Semaphore::new(64));
         let mut tasks = vec![];
-        let ch = connect(&caddr).await;
+        let admin = cluster.client(&caddr);
         for i in 0..agents {
-            let mut c = CoordinatorClient::new(ch.clone());
+            let mut c = admin.clone();
             let sem = sem.clone();
             tasks.push(tokio::spawn(async move {
                 let _p = sem.acquire().await.expect("sem");
@@ -512,6 +563,7 @@ async fn main() {
     }
     let interval = Duration::from_secs(5);
     let (s, held) = heartbeat_load(
+        &auth,
         "coord",
         &caddr,
         agents,
@@ -519,8 +571,15 @@ async fn main() {
         Duration::from_secs(hb_secs),
     )
     .await;
-    let (r, rheld) =
-        heartbeat_load(ETCD, &eaddr, agents, interval, Duration::from_secs(hb_secs)).await;
+    let (r, rheld) = heartbeat_load(
+        &auth,
+        ETCD,
+        &eaddr,
+        agents,
+        interval,
+        Duration::from_secs(hb_secs),
+    )
+    .await;
     let case = format!("{agents} agents, heartbeat 5 s");
     recs.push(Record::num(
         &case,
@@ -567,7 +626,7 @@ async fn main() {
         let (stop, acks, addrs) = (stop.clone(), last_ack.clone(), addrs.clone());
         let mut clients = vec![];
         for a in &addrs {
-            clients.push(CoordinatorClient::new(connect(a).await));
+            clients.push(auth.admin.connect(a).await.expect("connect"));
         }
         tasks.push(tokio::spawn(async move {
             let mut i = 0usize;

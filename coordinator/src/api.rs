@@ -12,6 +12,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::node::{CoreError, Freshness, Heartbeat, Node};
 use crate::state::{
     Command, Host, HostState, Migration, Phase, Reply, Resources, StateError, Vm, VmDesired,
@@ -261,7 +262,9 @@ impl Coordinator for Api {
         &self,
         req: Request<pb::RegisterHostRequest>,
     ) -> Result<Response<pb::HostReply>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
+        caller.may_speak_for(&r.id, "RegisterHost")?;
         self.write_host(Command::RegisterHost {
             id: r.id,
             address: r.address,
@@ -275,7 +278,9 @@ impl Coordinator for Api {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
+        caller.may_speak_for(&r.host_id, "Heartbeat")?;
         if !(0.0..=1.0).contains(&r.cpu_utilisation) {
             return Err(Status::invalid_argument(format!(
                 "invalid cpu_utilisation {}: expected a fraction in 0..=1",
@@ -517,8 +522,24 @@ impl Coordinator for Api {
         &self,
         req: Request<pb::ReportMigrationRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         let id = op_id(&r.name)?;
+        if !caller.is_admin() {
+            // An agent reports only migrations its host takes part in.
+            let (m, _) = self
+                .node
+                .read(false, |a| a.state.migrations.get(&id).cloned())
+                .await
+                .map_err(status)?;
+            let m = m.ok_or_else(|| not_found("migration", &id))?;
+            if caller
+                .may_speak_for(&m.source_host, "ReportMigration")
+                .is_err()
+            {
+                caller.may_speak_for(&m.target_host, "ReportMigration")?;
+            }
+        }
         let phase = match pb::MigrationPhase::try_from(r.phase) {
             Ok(pb::MigrationPhase::Running) => Phase::Running,
             Ok(pb::MigrationPhase::Succeeded) => Phase::Succeeded,

@@ -4,10 +4,11 @@
 //! Modules, from the inside out: [`state`] (the pure state machine), [`scheduler`] (placement), [`rebalancer`] (moves away from hot or anomalous hosts),
 //! [`store`] (durable Raft log + state machine), [`network`] (Raft over gRPC), [`node`] (leader
 //! forwarding, read freshness, host liveness), [`api`] (the public gRPC adapter), [`server`]
-//! (wiring it all up).
+//! (wiring it all up), [`tls`] and [`auth`] (who may call what).
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod auth;
 pub mod network;
 pub mod node;
 pub mod rebalancer;
@@ -16,4 +17,5 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod testing;
+pub mod tls;
 pub mod wal;

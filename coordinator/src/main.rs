@@ -1,4 +1,6 @@
-//! `novacron-coordinator`: run a site coordinator (`run`) or create the cluster CA (`init`).
+//! `novacron-coordinator`: run a site coordinator (`run`), create the cluster CA, coordinator
+//! certificates and token keys (`init`), mint bearer tokens (`token`) and print a novacronctl
+//! context (`context`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -7,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use novacron_coordinator::auth::{self, Role};
 use novacron_coordinator::rebalancer::Mode;
 use novacron_coordinator::scheduler::Policy;
 use novacron_coordinator::server::{self, ServerConfig};
@@ -21,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create the cluster CA in DIR when there is none (existing files are kept).
+    /// Create the cluster CA and the token keys in DIR when there are none (existing files are
+    /// kept), and issue coordinator certificates.
     Init {
         /// Cluster directory (CA and certificates).
         #[arg(long, default_value = "/etc/novacron/cluster")]
@@ -29,6 +33,43 @@ enum Cmd {
         /// Cluster name written into the CA.
         #[arg(long, default_value = "novacron")]
         cluster: String,
+        /// Issue (or re-issue) the certificate of coordinator ID, `coord-ID.pem`/`.key`
+        /// (repeatable).
+        #[arg(long = "issue", value_name = "ID")]
+        issue: Vec<u64>,
+    },
+    /// Print a bearer token for the public API, signed with the cluster's token key.
+    Token {
+        /// Cluster directory (holds `token.key`).
+        #[arg(long, default_value = "/etc/novacron/cluster")]
+        cluster_dir: PathBuf,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: Role,
+        /// Who holds the token (a person or program).
+        #[arg(long)]
+        subject: String,
+        /// Validity, e.g. 90s, 30m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+    /// Print a novacronctl context file (TOML) with a fresh token.
+    Context {
+        /// Cluster directory (holds `ca.pem` and `token.key`).
+        #[arg(long, default_value = "/etc/novacron/cluster")]
+        cluster_dir: PathBuf,
+        /// Coordinator endpoint HOST:PORT (repeatable; tried in order).
+        #[arg(long = "endpoint", required = true)]
+        endpoints: Vec<String>,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: Role,
+        /// Who holds the token.
+        #[arg(long)]
+        subject: String,
+        /// Validity, e.g. 24h.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
     },
     /// Run a coordinator node.
     Run {
@@ -41,6 +82,9 @@ enum Cmd {
         /// Data directory.
         #[arg(long, default_value = "/var/lib/novacron/coordinator")]
         data_dir: PathBuf,
+        /// Cluster directory: `ca.pem`, `coord-<id>.pem`/`.key`, `token.pub`.
+        #[arg(long, default_value = "/etc/novacron/cluster")]
+        cluster_dir: PathBuf,
         /// Initial voters "1=host:port,2=host:port,..." for a fresh cluster (default: this node
         /// alone). The lowest id bootstraps.
         #[arg(long)]
@@ -189,8 +233,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Init {
             cluster_dir,
             cluster,
+            issue,
         } => {
-            let dir = ClusterDir::new(cluster_dir);
+            let dir = ClusterDir::new(&cluster_dir);
             if dir.ca_cert_path().exists() {
                 println!("cluster CA exists: {}", dir.ca_cert_path().display());
             } else {
@@ -198,12 +243,68 @@ async fn main() -> anyhow::Result<()> {
                     println!("wrote {}", p.display());
                 }
             }
+            let keys = auth::init_keys(&cluster_dir)?;
+            if keys.is_empty() {
+                println!(
+                    "token keys exist: {}",
+                    auth::verify_key_path(&cluster_dir).display()
+                );
+            }
+            if issue.contains(&0) {
+                bail!("invalid --issue 0: expected a non-zero coordinator id");
+            }
+            for id in issue {
+                for p in dir.issue_coordinator(id)? {
+                    println!("wrote {}", p.display());
+                }
+            }
+            for p in keys {
+                println!("wrote {}", p.display());
+            }
+            Ok(())
+        }
+        Cmd::Token {
+            cluster_dir,
+            role,
+            subject,
+            ttl,
+        } => {
+            let signer = auth::TokenSigner::load(&cluster_dir)?;
+            println!("{}", signer.mint(&subject, role, auth::parse_ttl(&ttl)?)?);
+            Ok(())
+        }
+        Cmd::Context {
+            cluster_dir,
+            endpoints,
+            role,
+            subject,
+            ttl,
+        } => {
+            for e in &endpoints {
+                e.parse::<SocketAddr>()
+                    .with_context(|| format!("invalid --endpoint {e:?}: expected HOST:PORT"))?;
+            }
+            let signer = auth::TokenSigner::load(&cluster_dir)?;
+            let token = signer.mint(&subject, role, auth::parse_ttl(&ttl)?)?;
+            let ca = std::fs::canonicalize(ClusterDir::new(&cluster_dir).ca_cert_path())
+                .context("the cluster CA")?;
+            let ctx = serde_json::json!({
+                "endpoints": endpoints,
+                "ca": ca,
+                "token": token,
+            });
+            // TOML's basic strings and arrays are JSON's for these values.
+            println!("# novacronctl context: {subject} ({role})");
+            for k in ["endpoints", "ca", "token"] {
+                println!("{k} = {}", ctx[k]);
+            }
             Ok(())
         }
         Cmd::Run {
             id,
             listen,
             data_dir,
+            cluster_dir,
             initial_members,
             join,
             policy,
@@ -213,6 +314,7 @@ async fn main() -> anyhow::Result<()> {
             sched,
         } => {
             let mut cfg = ServerConfig::single(id, listen, data_dir);
+            cfg.cluster_dir = cluster_dir;
             if let Some(m) = initial_members {
                 cfg.initial_members = parse_members(&m)?;
             }

@@ -2,7 +2,8 @@
 //! the server side (`RaftTransport`), plus forwarding of client requests to the leader.
 //!
 //! Payloads are openraft's serde types as JSON inside a protobuf `bytes` field; both ends run
-//! the same build.
+//! the same build. Peers dial each other over TLS with their own `coord-<id>` certificates
+//! (see [`crate::tls`]); the server side admits only members' certificates ([`crate::auth`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,24 +22,17 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::node::{ForwardReply, ForwardRequest, Node};
 use crate::store::{NodeId, TypeConfig};
 
-/// A lazily connected channel to a coordinator's gRPC port.
-pub fn channel(addr: &str, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .connect_lazy())
+/// Creates one client per peer, dialing with this node's certificate.
+pub struct Network {
+    /// This node's TLS material.
+    pub tls: crate::tls::NodeTls,
 }
-
-/// Creates one client per peer.
-pub struct Network;
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
@@ -46,7 +40,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
         Peer {
             target,
-            client: channel(&node.addr, Duration::from_secs(10))
+            client: self
+                .tls
+                .peer_channel(target, &node.addr, Duration::from_secs(10))
                 .ok()
                 .map(RaftTransportClient::new),
             addr: node.addr.clone(),

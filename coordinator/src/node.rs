@@ -149,6 +149,8 @@ pub struct Options {
     pub election_timeout_ms: u64,
     /// When a host counts as hot or anomalous for placement.
     pub thresholds: Thresholds,
+    /// This node's certificate and the cluster CA, for dialing peers.
+    pub tls: crate::tls::NodeTls,
 }
 
 /// How fresh a read is.
@@ -264,15 +266,19 @@ impl Node {
         ))
     }
 
-    fn peer(&self, addr: &str) -> Result<RaftTransportClient<Channel>, CoreError> {
+    fn peer(&self, id: NodeId, addr: &str) -> Result<RaftTransportClient<Channel>, CoreError> {
         let mut peers = self.peers.lock().expect("peers lock");
-        if let Some(c) = peers.get(addr) {
+        let key = format!("{id}@{addr}");
+        if let Some(c) = peers.get(&key) {
             return Ok(c.clone());
         }
-        let ch = crate::network::channel(addr, self.opts.write_timeout + Duration::from_secs(1))
+        let ch = self
+            .opts
+            .tls
+            .peer_channel(id, addr, self.opts.write_timeout + Duration::from_secs(1))
             .map_err(|e| CoreError::Raft(format!("peer address {addr:?}: {e}")))?;
         let c = RaftTransportClient::new(ch);
-        peers.insert(addr.to_string(), c.clone());
+        peers.insert(key, c.clone());
         Ok(c)
     }
 
@@ -283,7 +289,7 @@ impl Node {
         if leader == self.opts.id {
             return Ok(self.handle_forwarded(req).await);
         }
-        let mut client = self.peer(&addr)?;
+        let mut client = self.peer(leader, &addr)?;
         let payload = RaftPayload {
             json: serde_json::to_vec(&req).expect("forward request serializes"),
         };

@@ -1,5 +1,6 @@
 //! Starts a coordinator: opens the store, starts Raft, bootstraps the initial membership when the
-//! store is fresh, and serves the public API, the Raft transport and `grpc.health.v1` on one port.
+//! store is fresh, and serves the public API, the Raft transport and `grpc.health.v1` on one
+//! TLS port, with every API and transport call checked by [`crate::auth`] first.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,11 +13,13 @@ use novacron_proto::coordinator::v1::raft_transport_server::RaftTransportServer;
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 
 use crate::api::Api;
+use crate::auth::{Authorizer, Guard, TokenVerifier};
 use crate::network::{Network, TransportService};
 use crate::node::{Node, Options};
 use crate::rebalancer::{self, Board};
 use crate::scheduler::{Policy, Thresholds};
 use crate::store::{self, NodeId};
+use crate::tls::NodeTls;
 
 /// Everything needed to run one coordinator.
 #[derive(Debug, Clone)]
@@ -27,6 +30,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Data directory (holds `raft.redb`).
     pub data_dir: PathBuf,
+    /// Cluster directory: `ca.pem`, this node's `coord-<id>.pem`/`.key`, `token.pub`.
+    pub cluster_dir: PathBuf,
     /// The initial voters (id → address) used only when the store is fresh. Empty: wait to be
     /// added to an existing cluster.
     pub initial_members: BTreeMap<NodeId, String>,
@@ -55,6 +60,7 @@ impl ServerConfig {
             id,
             listen,
             data_dir,
+            cluster_dir: PathBuf::from("/etc/novacron/cluster"),
             initial_members,
             policy: Policy::BinPack,
             snapshot_every: 10_000,
@@ -73,6 +79,15 @@ pub enum ServerError {
     /// Bad configuration.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// This node's certificate, the CA or the token key cannot be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// The token verifying key cannot be loaded.
+    #[error("token key: {0}")]
+    Token(#[from] crate::auth::TokenError),
+    /// The gRPC server's TLS configuration was refused.
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[source] tonic::transport::Error),
     /// The data directory or store.
     #[error(transparent)]
     Store(#[from] store::StoreError),
@@ -104,6 +119,9 @@ pub async fn run(
             cfg.initial_members, cfg.id
         )));
     }
+    let cluster_dir = novacron_migration::certs::ClusterDir::new(&cfg.cluster_dir);
+    let tls = NodeTls::load(&cluster_dir, cfg.id)?;
+    let verifier = TokenVerifier::load(&cfg.cluster_dir)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ServerError::Config(format!("data dir {}: {e}", cfg.data_dir.display())))?;
     let (log, sm) = store::open(&cfg.data_dir)?;
@@ -121,9 +139,15 @@ pub async fn run(
     }
     .validate()
     .map_err(|e| ServerError::Config(e.to_string()))?;
-    let raft = Raft::new(cfg.id, Arc::new(raft_cfg), Network, log, sm.clone())
-        .await
-        .map_err(|e| ServerError::Raft(e.to_string()))?;
+    let raft = Raft::new(
+        cfg.id,
+        Arc::new(raft_cfg),
+        Network { tls: tls.clone() },
+        log,
+        sm.clone(),
+    )
+    .await
+    .map_err(|e| ServerError::Raft(e.to_string()))?;
 
     let lowest = cfg.initial_members.keys().next().copied();
     let initialized = raft
@@ -154,6 +178,7 @@ pub async fn run(
             write_timeout: Duration::from_secs(5),
             election_timeout_ms: election_min,
             thresholds: cfg.thresholds,
+            tls: tls.clone(),
         },
     );
     tokio::spawn(node.clone().liveness_loop());
@@ -172,13 +197,33 @@ pub async fn run(
         .map_err(|e| ServerError::Config(format!("bind {}: {e}", cfg.listen)))?;
     tracing::info!(id = cfg.id, addr = %cfg.listen, "coordinator serving");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let metrics = raft.metrics();
+    let auth = Authorizer::new(
+        verifier,
+        Arc::new(move || {
+            let ids: std::collections::BTreeSet<NodeId> = metrics
+                .borrow()
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect();
+            (!ids.is_empty()).then_some(ids)
+        }),
+    );
     let res = tonic::transport::Server::builder()
+        .tls_config(tls.server())
+        .map_err(ServerError::TlsConfig)?
         .tcp_nodelay(true)
         .add_service(health_service)
-        .add_service(RaftTransportServer::new(TransportService {
-            node: node.clone(),
-        }))
-        .add_service(CoordinatorServer::new(Api { node: node.clone() }))
+        .add_service(Guard::new(
+            RaftTransportServer::new(TransportService { node: node.clone() }),
+            auth.clone(),
+        ))
+        .add_service(Guard::new(
+            CoordinatorServer::new(Api { node: node.clone() }),
+            auth,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = raft.shutdown().await;

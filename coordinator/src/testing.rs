@@ -1,21 +1,182 @@
 //! Real coordinator processes on loopback for tests and benchmarks: start, SIGKILL, SIGTERM,
 //! restart, and find the leader. Each node logs to `<data dir>/node.log`.
+//!
+//! Everything runs over TLS with tokens: a [`TestCluster`] makes a cluster directory
+//! ([`TestPki`]: CA, coordinator certificates, token keys) under its base directory, and its
+//! clients present an admin token unless made otherwise ([`TestPki::creds`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use novacron_migration::certs::ClusterDir;
 use novacron_proto::coordinator::v1 as pb;
 use novacron_proto::coordinator::v1::coordinator_client::CoordinatorClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-/// A gRPC client of the public API.
-pub type Client = CoordinatorClient<Channel>;
+use crate::auth::{self, Bearer, Role, TokenSigner};
+use crate::tls::{self, ClientTls};
 
-/// Connects a client to `addr` (lazily; the first call connects).
-pub fn client(addr: &str) -> Client {
-    let ch = crate::network::channel(addr, Duration::from_secs(10)).expect("valid address");
-    CoordinatorClient::new(ch)
+/// A gRPC client of the public API (TLS, and a bearer token if its [`Creds`] have one).
+pub type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
+
+/// What a client presents: the CA it trusts, maybe a client certificate, maybe a token.
+#[derive(Clone)]
+pub struct Creds {
+    tls: ClientTls,
+    bearer: Bearer,
+}
+
+impl Creds {
+    /// Credentials from parts.
+    pub fn new(tls: ClientTls, token: Option<&str>) -> Creds {
+        Creds {
+            tls,
+            bearer: Bearer::new(token).expect("token is valid metadata"),
+        }
+    }
+
+    /// A lazily connected channel to `addr`.
+    pub fn channel(&self, addr: &str) -> Channel {
+        self.tls
+            .channel(addr, Duration::from_secs(10))
+            .expect("valid address")
+    }
+
+    /// A client of `addr` (lazily connected; the first call connects).
+    pub fn client(&self, addr: &str) -> Client {
+        CoordinatorClient::with_interceptor(self.channel(addr), self.bearer.clone())
+    }
+
+    /// A client of `addr`, connected now.
+    pub async fn connect(&self, addr: &str) -> Result<Client, tonic::transport::Error> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(self.tls.config())?
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        Ok(CoordinatorClient::with_interceptor(ch, self.bearer.clone()))
+    }
+
+    /// The bearer interceptor (for callers that build their own clients).
+    pub fn bearer(&self) -> Bearer {
+        self.bearer.clone()
+    }
+}
+
+/// Makes agents' credentials with certificates issued in memory by the cluster CA.
+#[derive(Clone)]
+pub struct AgentIssuer {
+    ca: novacron_migration::certs::Pem,
+}
+
+impl AgentIssuer {
+    /// Credentials of agent `host`: its own certificate, no token.
+    pub fn creds(&self, host: &str) -> Creds {
+        let pem = novacron_migration::certs::issue_agent(&self.ca, host)
+            .expect("issue an agent certificate");
+        let identity = tonic::transport::Identity::from_pem(pem.cert, pem.key);
+        let ca = tonic::transport::Certificate::from_pem(&self.ca.cert);
+        Creds::new(
+            ClientTls::new(
+                ca,
+                Some(identity),
+                novacron_migration::certs::COORDINATOR_NAME,
+            ),
+            None,
+        )
+    }
+}
+
+/// A test cluster directory: the cluster CA, the token keys, coordinator and agent
+/// certificates, all made with the same code as `novacron-coordinator init`.
+pub struct TestPki {
+    /// The cluster directory.
+    pub dir: ClusterDir,
+}
+
+impl TestPki {
+    /// Creates the CA and the token keys in `dir`.
+    pub fn create(dir: &Path) -> TestPki {
+        let cd = ClusterDir::new(dir);
+        cd.init("test").expect("create the test cluster CA");
+        auth::init_keys(dir).expect("create the test token keys");
+        TestPki { dir: cd }
+    }
+
+    /// Issues coordinator `id`'s certificate.
+    pub fn issue_coordinator(&self, id: u64) {
+        self.dir
+            .issue_coordinator(id)
+            .expect("issue a coordinator certificate");
+    }
+
+    /// Issues an agent certificate for `host`; returns its (cert, key) files.
+    pub fn issue_agent(&self, host: &str) -> (PathBuf, PathBuf) {
+        self.dir.issue(host).expect("issue an agent certificate");
+        self.dir.agent_paths(host).expect("agent name")
+    }
+
+    /// The token signer.
+    pub fn signer(&self) -> TokenSigner {
+        TokenSigner::load(self.dir.path()).expect("load the test token key")
+    }
+
+    /// A token for `subject` with `role`, valid for a day.
+    pub fn token(&self, role: Role, subject: &str) -> String {
+        self.signer()
+            .mint(subject, role, Duration::from_secs(86_400))
+            .expect("mint a token")
+    }
+
+    /// Client credentials: trusting the cluster CA, with `token` and with the agent
+    /// certificate of `agent` (issued on first use) if given.
+    pub fn creds(&self, token: Option<&str>, agent: Option<&str>) -> Creds {
+        let ca = tls::load_ca(&self.dir.ca_cert_path()).expect("load the test CA");
+        let identity = agent.map(|a| {
+            let (cert, key) = self.dir.agent_paths(a).expect("agent name");
+            if !cert.exists() {
+                self.issue_agent(a);
+            }
+            tls::load_identity(&cert, &key).expect("load an agent identity")
+        });
+        Creds::new(
+            ClientTls::new(ca, identity, novacron_migration::certs::COORDINATOR_NAME),
+            token,
+        )
+    }
+
+    /// Issues agent certificates in memory (no files): for load tools with many agents.
+    pub fn agent_issuer(&self) -> AgentIssuer {
+        let read = |p: PathBuf| std::fs::read_to_string(p).expect("read the test CA");
+        AgentIssuer {
+            ca: novacron_migration::certs::Pem {
+                cert: read(self.dir.ca_cert_path()),
+                key: read(self.dir.ca_key_path()),
+            },
+        }
+    }
+
+    /// Credentials with an admin token and no certificate.
+    pub fn admin(&self) -> Creds {
+        self.creds(Some(&self.token(Role::Admin, "test-admin")), None)
+    }
+
+    /// Writes a novacronctl context file for `endpoints` with a token of `role`.
+    pub fn write_context(&self, path: &Path, endpoints: &[String], role: Role) {
+        let ctx = serde_json::json!({
+            "endpoints": endpoints,
+            "ca": self.dir.ca_cert_path(),
+            "token": self.token(role, "test-ctl"),
+        });
+        let body: String = ["endpoints", "ca", "token"]
+            .iter()
+            .map(|k| format!("{k} = {}\n", ctx[*k]))
+            .collect();
+        std::fs::write(path, body).expect("write a context file");
+    }
 }
 
 /// The `novacron-coordinator` binary for tests outside this crate: `$NOVACRON_COORDINATOR_BIN`,
@@ -52,6 +213,7 @@ pub struct TestNode {
     args: Vec<String>,
     bin: PathBuf,
     child: Option<Child>,
+    creds: Creds,
 }
 
 impl TestNode {
@@ -98,9 +260,9 @@ impl TestNode {
         self.child.is_some()
     }
 
-    /// A client of this node.
+    /// A client of this node (admin token).
     pub fn client(&self) -> Client {
-        client(&self.addr)
+        self.creds.client(&self.addr)
     }
 
     /// The tail of this node's log (for failure messages).
@@ -148,6 +310,10 @@ impl Default for ClusterOptions {
 pub struct TestCluster {
     /// The nodes, index = id - 1.
     pub nodes: Vec<TestNode>,
+    /// The cluster directory (`<base>/cluster`).
+    pub pki: TestPki,
+    /// Admin credentials.
+    pub creds: Creds,
     bin: PathBuf,
     base: PathBuf,
     opts: ClusterOptions,
@@ -163,8 +329,12 @@ impl TestCluster {
             .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
+        let pki = TestPki::create(&base.join("cluster"));
+        let creds = pki.admin();
         let mut c = TestCluster {
             nodes: vec![],
+            pki,
+            creds,
             bin: bin.to_path_buf(),
             base: base.to_path_buf(),
             opts,
@@ -180,6 +350,7 @@ impl TestCluster {
     }
 
     fn make_node(&self, id: u64, port: u16, members: Option<&str>) -> TestNode {
+        self.pki.issue_coordinator(id);
         let addr = format!("127.0.0.1:{port}");
         let data_dir = self.base.join(format!("node{id}"));
         let mut args = vec![
@@ -190,6 +361,8 @@ impl TestCluster {
             addr.clone(),
             "--data-dir".into(),
             data_dir.display().to_string(),
+            "--cluster-dir".into(),
+            self.pki.dir.path().display().to_string(),
             "--snapshot-every".into(),
             self.opts.snapshot_every.to_string(),
             "--keep-after-snapshot".into(),
@@ -211,6 +384,7 @@ impl TestCluster {
             args,
             bin: self.bin.clone(),
             child: None,
+            creds: self.creds.clone(),
         }
     }
 
@@ -221,6 +395,11 @@ impl TestCluster {
         n.start();
         self.nodes.push(n);
         self.nodes.len() - 1
+    }
+
+    /// An admin client of `addr`.
+    pub fn client(&self, addr: &str) -> Client {
+        self.creds.client(addr)
     }
 
     /// The node with `id`.

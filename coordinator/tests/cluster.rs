@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use novacron_coordinator::testing::{client, Client, ClusterOptions, TestCluster};
+use novacron_coordinator::testing::{Client, ClusterOptions, TestCluster};
 use novacron_proto::coordinator::v1 as pb;
 use tonic::Code;
 
@@ -41,13 +41,13 @@ fn vm(name: &str) -> pb::CreateVmRequest {
 
 /// Writes through any node, moving on to the next one when a node is down or has no quorum.
 async fn create_anywhere(
-    addrs: &[String],
+    clients: &[Client],
     start: usize,
     name: &str,
 ) -> Result<pb::Vm, tonic::Status> {
     let mut last = None;
-    for k in 0..addrs.len() {
-        let mut c = client(&addrs[(start + k) % addrs.len()]);
+    for k in 0..clients.len() {
+        let mut c = clients[(start + k) % clients.len()].clone();
         match c.create_vm(vm(name)).await {
             Ok(r) => return Ok(r.into_inner().vm.expect("vm in reply")),
             Err(s) => last = Some(s),
@@ -110,13 +110,14 @@ async fn leader_sigkill_under_load_loses_no_acknowledged_write() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = vec![];
     for w in 0..6usize {
-        let (acked, failed, stop, addrs) =
-            (acked.clone(), failed.clone(), stop.clone(), addrs.clone());
+        let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+        // One connection per writer and node, kept across writes (as a real client would).
+        let clients: Vec<Client> = addrs.iter().map(|a| cluster.client(a)).collect();
         writers.push(tokio::spawn(async move {
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let name = format!("w{w}-{i}");
-                match create_anywhere(&addrs, w, &name).await {
+                match create_anywhere(&clients, w, &name).await {
                     Ok(v) => acked.lock().unwrap().push(v),
                     Err(s) => {
                         failed.lock().unwrap().push(format!("{name}: {s}"));
@@ -214,23 +215,20 @@ fn host_record(h: &pb::Host) -> pb::Host {
 }
 
 /// Every host as a linearizable read on `addr` sees it, retrying while the node catches up.
-async fn consistent_hosts(addr: &str) -> BTreeMap<String, pb::Host> {
+async fn consistent_hosts(mut c: Client) -> BTreeMap<String, pb::Host> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match client(addr)
-            .list_hosts(pb::ListRequest { consistent: true })
-            .await
-        {
+        match c.list_hosts(pb::ListRequest { consistent: true }).await {
             Ok(r) => {
                 let r = r.into_inner();
                 assert!(r.read.as_ref().unwrap().linearizable);
                 return r.hosts.into_iter().map(|h| (h.id.clone(), h)).collect();
             }
             Err(e) if Instant::now() < deadline => {
-                eprintln!("consistent read on {addr} not yet possible: {e}");
+                eprintln!("consistent read not yet possible: {e}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => panic!("no consistent read on {addr} within 20 s: {e}"),
+            Err(e) => panic!("no consistent read within 20 s: {e}"),
         }
     }
 }
@@ -263,9 +261,8 @@ async fn whole_cluster_sigkill_and_restart_keeps_state() {
     // Both hosts heartbeat until the kill, so that placement finds them up however slow the
     // machine is.
     let beats = {
-        let addr = addrs[leader as usize - 1].clone();
+        let mut c = cluster.client(&addrs[leader as usize - 1]);
         tokio::spawn(async move {
-            let mut c = client(&addr);
             loop {
                 for h in ["h1", "h2"] {
                     let _ = c.heartbeat(heartbeat_of(h)).await;
@@ -320,7 +317,7 @@ async fn whole_cluster_sigkill_and_restart_keeps_state() {
 
     let leader = cluster.wait_leader(Duration::from_secs(20)).await;
     for (i, addr) in addrs.iter().enumerate() {
-        let hosts = consistent_hosts(addr).await;
+        let hosts = consistent_hosts(cluster.client(addr)).await;
         assert_eq!(hosts.len(), 2, "node {}: {hosts:?}", i + 1);
         assert!(
             hosts["h2"].draining,
@@ -359,7 +356,7 @@ async fn whole_cluster_sigkill_and_restart_keeps_state() {
     // Silent hosts go down; the drain stays.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let hosts = consistent_hosts(&addrs[leader as usize - 1]).await;
+        let hosts = consistent_hosts(cluster.client(&addrs[leader as usize - 1])).await;
         if hosts
             .values()
             .all(|h| h.state == pb::HostState::Down as i32)
@@ -489,7 +486,8 @@ async fn members_join_by_snapshot_and_the_first_leaves_while_serving() {
         );
     }
     // Remove the first node (the leader) while serving; the other two elect a leader and go on.
-    let st = client(&cluster.nodes[1].addr)
+    let st = cluster
+        .client(&cluster.nodes[1].addr)
         .remove_member(pb::RemoveMemberRequest { id: 1 })
         .await
         .unwrap()
@@ -714,12 +712,8 @@ async fn api_on_one_node_validates_places_migrates_streams_and_tracks_liveness()
         assert!(kinds.iter().any(|x| x == k), "no {k} event in {kinds:?}");
     }
 
-    // Health.
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.nodes[0].addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    // Health (over TLS, no token needed).
+    let ch = cluster.creds.channel(&cluster.nodes[0].addr);
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
     let s = health
         .check(tonic_health::pb::HealthCheckRequest {

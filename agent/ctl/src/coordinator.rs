@@ -7,7 +7,12 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::{json, Value};
-use tonic::transport::{Channel, Endpoint};
+use std::path::{Path, PathBuf};
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use novacron_proto::coordinator::v1 as pb;
 use pb::coordinator_client::CoordinatorClient;
@@ -190,20 +195,182 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("invalid {s:?}: expected KEY=VALUE"))
 }
 
-/// Connects to the coordinator at `endpoint` ("host:port" or "http://host:port").
-pub async fn connect(endpoint: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
+/// A novacronctl context: where the coordinators are and how to authenticate to them.
+///
+/// ```toml
+/// endpoints = ["10.0.0.1:7400", "10.0.0.2:7400"]   # tried in order
+/// ca = "/etc/novacron/cluster/ca.pem"               # the cluster CA
+/// token = "eyJ..."                                  # `novacron-coordinator token`
+/// # cert = "me.pem"; key = "me.key"                 # optional client certificate
+/// # server_name = "coordinator"                     # name checked in the server's certificate
+/// ```
+///
+/// Relative paths are relative to the context file. `novacron-coordinator context` prints one.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Context {
+    /// Coordinator endpoints "host:port", tried in order.
+    pub endpoints: Vec<String>,
+    /// The cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// Bearer token.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Client certificate (PEM), optional.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The name the coordinators' certificates must carry.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+fn default_server_name() -> String {
+    "coordinator".into()
+}
+
+/// Where the context comes from when neither `--context` nor `$NOVACRON_CONTEXT` names one:
+/// `$XDG_CONFIG_HOME/novacron/context.toml`, else `~/.config/novacron/context.toml`.
+pub fn default_context_path() -> Option<PathBuf> {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .map(|d| d.join("novacron").join("context.toml"))
+}
+
+impl Context {
+    /// Reads a context file; relative paths in it become relative to its directory.
+    pub fn load(path: &Path) -> anyhow::Result<Context> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("context file {}: {e}", path.display()))?;
+        let mut c: Context = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "context file {}: {e}expected endpoints = [\"HOST:PORT\", ...], ca = \"PATH\", token = \"...\"",
+                path.display()
+            )
+        })?;
+        if c.endpoints.is_empty() {
+            anyhow::bail!(
+                "context file {}: endpoints is empty: expected at least one \"HOST:PORT\"",
+                path.display()
+            );
+        }
+        if c.cert.is_some() != c.key.is_some() {
+            anyhow::bail!(
+                "context file {}: cert and key go together: expected both or neither",
+                path.display()
+            );
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [Some(&mut c.ca), c.cert.as_mut(), c.key.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(c)
+    }
+
+    /// The context to use: `explicit` (from `--context` or `$NOVACRON_CONTEXT`) or the
+    /// default file; `endpoint` (from `--coordinator`) replaces its endpoints.
+    pub fn resolve(explicit: Option<&Path>, endpoint: Option<&str>) -> anyhow::Result<Context> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => match default_context_path() {
+                Some(p) if p.exists() => p,
+                other => anyhow::bail!(
+                    "no coordinator context: pass --context FILE, set NOVACRON_CONTEXT or create {} \
+                     (`novacron-coordinator context --endpoint HOST:PORT --role viewer --subject NAME` prints one)",
+                    other.map_or("~/.config/novacron/context.toml".into(), |p| p.display().to_string())
+                ),
+            },
+        };
+        let mut c = Context::load(&path)?;
+        if let Some(e) = endpoint {
+            c.endpoints = vec![e.to_string()];
+        }
+        Ok(c)
+    }
+}
+
+/// Sends the context's bearer token with every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A coordinator client with the context's token.
+pub type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
+
+/// Connects to the first reachable endpoint of `ctx` over TLS.
+pub async fn connect(ctx: &Context) -> anyhow::Result<Client> {
+    let read = |p: &Path, what: &str| {
+        std::fs::read(p)
+            .map_err(|e| anyhow::anyhow!("{what} {} (from the context): {e}", p.display()))
     };
-    let ch = Endpoint::from_shared(url.clone())
-        .map_err(|e| anyhow::anyhow!("invalid coordinator endpoint {endpoint:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to the coordinator at {url}: {e}"))?;
-    Ok(CoordinatorClient::new(ch))
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&ctx.ca, "CA")?))
+        .domain_name(ctx.server_name.clone());
+    if let (Some(cert), Some(key)) = (&ctx.cert, &ctx.key) {
+        tls = tls.identity(Identity::from_pem(
+            read(cert, "client certificate")?,
+            read(key, "client key")?,
+        ));
+    }
+    let bearer = Bearer(
+        ctx.token
+            .as_deref()
+            .map(|t| {
+                format!("Bearer {}", t.trim())
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "the context's token holds characters not allowed in gRPC metadata"
+                        )
+                    })
+            })
+            .transpose()?,
+    );
+    let mut errors = vec![];
+    for endpoint in &ctx.endpoints {
+        let host = endpoint
+            .strip_prefix("https://")
+            .or_else(|| endpoint.strip_prefix("http://"))
+            .unwrap_or(endpoint);
+        let url = format!("https://{host}");
+        let ep = Endpoint::from_shared(url.clone())
+            .map_err(|e| anyhow::anyhow!("invalid coordinator endpoint {endpoint:?}: {e}"))?
+            .tls_config(tls.clone())
+            .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?
+            .connect_timeout(Duration::from_secs(5));
+        match ep.connect().await {
+            Ok(ch) => return Ok(CoordinatorClient::with_interceptor(ch, bearer)),
+            Err(e) => errors.push(format!("{url}: {e}{}", source_chain(&e))),
+        }
+    }
+    anyhow::bail!("cannot connect to a coordinator: {}", errors.join("; "))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = String::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
 }
 
 fn host_state(s: i32) -> &'static str {
@@ -404,7 +571,7 @@ fn kv(rows: &[(&str, String)]) -> String {
         .collect()
 }
 
-async fn watch(c: &mut CoordinatorClient<Channel>, name: &str, json: bool) -> anyhow::Result<()> {
+async fn watch(c: &mut Client, name: &str, json: bool) -> anyhow::Result<()> {
     loop {
         let op = c
             .wait_migration(pb::WaitRequest {
@@ -431,9 +598,9 @@ async fn watch(c: &mut CoordinatorClient<Channel>, name: &str, json: bool) -> an
     }
 }
 
-/// Runs a coordinator command against `endpoint`.
-pub async fn run(endpoint: &str, json: bool, cmd: Command) -> anyhow::Result<()> {
-    let mut c = connect(endpoint).await?;
+/// Runs a coordinator command against the context's coordinators.
+pub async fn run(ctx: &Context, json: bool, cmd: Command) -> anyhow::Result<()> {
+    let mut c = connect(ctx).await?;
     match cmd {
         Command::Hosts(h) => match h {
             HostsCmd::List { consistent } => {

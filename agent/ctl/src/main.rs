@@ -28,15 +28,19 @@ struct Cli {
         value_name = "PATH"
     )]
     socket: PathBuf,
-    /// The site coordinator's gRPC endpoint (hosts, vms, migrations, events, cluster).
+    /// The site coordinator's gRPC endpoint (hosts, vms, migrations, events, cluster);
+    /// overrides the context's endpoints.
     #[arg(
         long,
         global = true,
         env = "NOVACRON_COORDINATOR",
-        default_value = "127.0.0.1:7400",
         value_name = "HOST:PORT"
     )]
-    coordinator: String,
+    coordinator: Option<String>,
+    /// The coordinator context (endpoints, CA, token); default
+    /// ~/.config/novacron/context.toml.
+    #[arg(long, global = true, env = "NOVACRON_CONTEXT", value_name = "FILE")]
+    context: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -266,7 +270,11 @@ fn absolute(p: Option<PathBuf>) -> anyhow::Result<String> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.output == Output::Json;
-    let coord = |c| coordinator::run(&cli.coordinator, json, c);
+    let (context, endpoint) = (cli.context.clone(), cli.coordinator.clone());
+    let coord = |c| async move {
+        let ctx = coordinator::Context::resolve(context.as_deref(), endpoint.as_deref())?;
+        coordinator::run(&ctx, json, c).await
+    };
     let cmd = match cli.command {
         Top::Vm(cmd) => cmd,
         Top::Hosts(c) => return coord(coordinator::Command::Hosts(c)).await,

@@ -14,12 +14,14 @@ struct Daemon {
 impl Daemon {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = AgentConfig {
+        let mut cfg = AgentConfig {
             socket: dir.path().join("agent.sock"),
             state_dir: dir.path().join("state"),
             vmm_binary: Some(PathBuf::from("/nonexistent/vmm")),
             ..Default::default()
         };
+        // Any free port for /metrics: tests run side by side, and an agent may run on the host.
+        cfg.telemetry.listen = "127.0.0.1:0".parse().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();

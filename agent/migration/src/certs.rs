@@ -32,6 +32,11 @@ pub enum CertError {
     /// An agent name is not 1..=63 characters of `[a-z0-9-]`.
     #[error("invalid agent name {0:?}: expected 1 to 63 characters of [a-z0-9-]")]
     InvalidAgentName(String),
+    /// An agent name is reserved for coordinators.
+    #[error(
+        "invalid agent name {0:?}: \"coordinator\" and \"coord-*\" are reserved for coordinators"
+    )]
+    ReservedName(String),
     /// A cluster name is not 1..=63 characters of `[a-z0-9-]`.
     #[error("invalid cluster name {0:?}: expected 1 to 63 characters of [a-z0-9-]")]
     InvalidClusterName(String),
@@ -138,11 +143,45 @@ pub fn generate_ca(cluster: &str) -> Result<Pem, CertError> {
     })
 }
 
+/// The DNS name every coordinator certificate carries besides its own `coord-<id>`: clients
+/// that know a coordinator only by address verify the server under this name.
+pub const COORDINATOR_NAME: &str = "coordinator";
+
+/// A coordinator's own name, `coord-<id>`.
+pub fn coordinator_name(id: u64) -> String {
+    format!("coord-{id}")
+}
+
+/// Whether `name` is reserved for coordinators ([`COORDINATOR_NAME`] or `coord-*`), so that no
+/// agent certificate can pass for a coordinator.
+pub fn is_coordinator_name(name: &str) -> bool {
+    name == COORDINATOR_NAME || name.starts_with("coord-")
+}
+
 /// Issues a certificate for `agent` signed by `ca` (made by [`generate_ca`]): ECDSA P-256,
 /// subject CN and only DNS SAN = `agent`, EKU serverAuth + clientAuth, valid for
-/// [`AGENT_VALIDITY`].
+/// [`AGENT_VALIDITY`]. Coordinator names are refused ([`is_coordinator_name`]).
 pub fn issue_agent(ca: &Pem, agent: &str) -> Result<Pem, CertError> {
     validate_agent_name(agent)?;
+    if is_coordinator_name(agent) {
+        return Err(CertError::ReservedName(agent.to_owned()));
+    }
+    issue_named(ca, &[agent.to_owned()])
+}
+
+/// Issues the certificate of coordinator `id`: like [`issue_agent`], with the DNS SANs
+/// `coord-<id>` (first, also the CN) and [`COORDINATOR_NAME`].
+pub fn issue_coordinator(ca: &Pem, id: u64) -> Result<Pem, CertError> {
+    issue_named(ca, &[coordinator_name(id), COORDINATOR_NAME.to_owned()])
+}
+
+/// The name a DER certificate gives its holder: its first DNS SAN, else its CN.
+pub fn cert_name(der: &[u8]) -> Option<String> {
+    der::agent_name(der)
+}
+
+fn issue_named(ca: &Pem, names: &[String]) -> Result<Pem, CertError> {
+    let agent = names[0].as_str();
     let ca_key =
         KeyPair::from_pem(&ca.key).map_err(|e| CertError::BadCa(format!("CA key: {e}")))?;
     let ca_der = crate::tls::parse_certs(ca.cert.as_bytes())?
@@ -174,7 +213,7 @@ pub fn issue_agent(ca: &Pem, agent: &str) -> Result<Pem, CertError> {
     }
 
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::new(vec![agent.to_owned()])?;
+    let mut params = CertificateParams::new(names.to_vec())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, agent);
     params.is_ca = IsCa::ExplicitNoCa;
@@ -255,6 +294,20 @@ impl ClusterDir {
             key: read_string(&self.ca_key_path())?,
         };
         let pem = issue_agent(&ca, agent)?;
+        write_replace(&key_path, pem.key.as_bytes(), 0o600)?;
+        write_replace(&cert_path, pem.cert.as_bytes(), 0o644)?;
+        Ok(vec![cert_path, key_path])
+    }
+
+    /// Issues the certificate of coordinator `id` ([`issue_coordinator`]) and writes
+    /// `coord-<id>.pem` and `coord-<id>.key`. Returns the files written.
+    pub fn issue_coordinator(&self, id: u64) -> Result<Vec<PathBuf>, CertError> {
+        let (cert_path, key_path) = self.agent_paths(&coordinator_name(id))?;
+        let ca = Pem {
+            cert: read_string(&self.ca_cert_path())?,
+            key: read_string(&self.ca_key_path())?,
+        };
+        let pem = issue_coordinator(&ca, id)?;
         write_replace(&key_path, pem.key.as_bytes(), 0o600)?;
         write_replace(&cert_path, pem.cert.as_bytes(), 0o644)?;
         Ok(vec![cert_path, key_path])
@@ -506,6 +559,23 @@ mod tests {
         assert_eq!(parts.dns_names, vec!["node-7".to_owned()]);
         assert_eq!(parts.common_name.as_deref(), Some("node-7"));
         assert_eq!(der::agent_name(&der[0]).as_deref(), Some("node-7"));
+    }
+
+    #[test]
+    fn coordinator_certs_carry_both_names_and_agents_cannot_take_them() {
+        let ca = generate_ca("prod").unwrap();
+        let pem = issue_coordinator(&ca, 3).unwrap();
+        let der = crate::tls::parse_certs(pem.cert.as_bytes()).unwrap();
+        let parts = der::cert_parts(&der[0]).unwrap();
+        assert_eq!(
+            parts.dns_names,
+            vec!["coord-3".to_owned(), "coordinator".to_owned()]
+        );
+        assert_eq!(cert_name(&der[0]).as_deref(), Some("coord-3"));
+        for reserved in ["coordinator", "coord-1"] {
+            let e = issue_agent(&ca, reserved).unwrap_err().to_string();
+            assert!(e.contains("reserved for coordinators"), "{e}");
+        }
     }
 
     #[test]
