@@ -104,6 +104,7 @@ impl Target {
                     memory_used_mib: 1024,
                     running_vms: vec![],
                     anomalies: vec![],
+                    vms: vec![],
                 })
                 .await
                 .map(|_| ()),
@@ -415,6 +416,7 @@ async fn main() {
             memory_mib: 1 << 50,
         }),
         labels: Default::default(),
+        vms: vec![],
     })
     .await
     .expect("register bench host");

@@ -4,14 +4,17 @@
 //! Modules, from the inside out: [`state`] (the pure state machine), [`scheduler`] (placement),
 //! [`store`] (durable Raft log + state machine), [`network`] (Raft over gRPC), [`node`] (leader
 //! forwarding, read freshness, host liveness), [`api`] (the public gRPC adapter), [`server`]
-//! (wiring it all up).
+//! (wiring it all up), [`agents`] (what each agent is told, pure) and [`session`] (the agents'
+//! command streams and the drain loop).
 #![deny(missing_docs)]
 
+pub mod agents;
 pub mod api;
 pub mod network;
 pub mod node;
 pub mod scheduler;
 pub mod server;
+pub mod session;
 pub mod state;
 pub mod store;
 pub mod testing;

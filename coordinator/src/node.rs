@@ -99,6 +99,9 @@ pub struct Heartbeat {
     /// Active anomalies the agent's detector reports on its VMs.
     #[serde(default)]
     pub anomalies: Vec<VmAnomaly>,
+    /// Every VM the agent holds, with its state (for reconciliation).
+    #[serde(default)]
+    pub vms: Vec<crate::agents::AgentVm>,
 }
 
 /// One active anomaly on a VM, as its host's agent reports it (kept in memory with the heartbeat).
@@ -123,6 +126,8 @@ pub struct Liveness {
     pub last_seen: Instant,
     /// Last report, if any since this node became leader.
     pub last: Option<Heartbeat>,
+    /// Applied log index when the last report arrived.
+    pub applied_at: u64,
 }
 
 /// Tunables.
@@ -168,6 +173,8 @@ pub struct Node {
     /// Tunables.
     pub opts: Options,
     liveness: Mutex<HashMap<String, Liveness>>,
+    /// The agents' command sessions on this node.
+    pub sessions: crate::session::Sessions,
     peers: Mutex<HashMap<String, RaftTransportClient<Channel>>>,
     quorum_ok_at: Mutex<Option<Instant>>,
 }
@@ -180,6 +187,7 @@ impl Node {
             sm,
             opts,
             liveness: Mutex::new(HashMap::new()),
+            sessions: Default::default(),
             peers: Mutex::new(HashMap::new()),
             quorum_ok_at: Mutex::new(None),
         })
@@ -197,7 +205,8 @@ impl Node {
         Some((id, addr))
     }
 
-    fn is_leader(&self) -> bool {
+    /// Whether this node leads (and knows it).
+    pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
         m.state == ServerState::Leader && m.current_leader == Some(self.opts.id)
@@ -425,9 +434,12 @@ impl Node {
     }
 
     async fn heartbeat_local(&self, hb: Heartbeat) -> Result<HostState, CoreError> {
-        let state = {
+        let (state, applied_at) = {
             let g = self.sm.shared.read().expect("state lock");
-            g.state.hosts.get(&hb.host_id).map(|h| h.state)
+            (
+                g.state.hosts.get(&hb.host_id).map(|h| h.state),
+                g.applied.map(|l| l.index).unwrap_or(0),
+            )
         };
         let Some(state) = state else {
             return Err(StateError::NotFound {
@@ -442,6 +454,7 @@ impl Node {
             Liveness {
                 last_seen: Instant::now(),
                 last: Some(hb),
+                applied_at,
             },
         );
         if state == HostState::Down {
@@ -456,6 +469,25 @@ impl Node {
             }
         }
         Ok(state)
+    }
+
+    /// The agents' latest inventories (in memory on the leader), by host.
+    pub fn inventories(&self) -> crate::agents::Inventories {
+        self.liveness
+            .lock()
+            .expect("liveness lock")
+            .iter()
+            .filter_map(|(id, l)| {
+                let hb = l.last.as_ref()?;
+                Some((
+                    id.clone(),
+                    crate::agents::Inventory {
+                        index: l.applied_at,
+                        vms: hb.vms.clone(),
+                    },
+                ))
+            })
+            .collect()
     }
 
     /// The leader's in-memory view of a host's liveness.
@@ -486,6 +518,7 @@ impl Node {
                         Liveness {
                             last_seen: now,
                             last: None,
+                            applied_at: 0,
                         },
                     );
                 }
@@ -506,6 +539,7 @@ impl Node {
                         let e = l.entry(h.id.clone()).or_insert(Liveness {
                             last_seen: now,
                             last: None,
+                            applied_at: 0,
                         });
                         now.duration_since(e.last_seen) > self.opts.down_after
                     })

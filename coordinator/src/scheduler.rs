@@ -252,6 +252,7 @@ mod tests {
                 host_id: "a".into(),
                 created_index: 1,
                 migration_id: String::new(),
+                boot: Default::default(),
             },
         );
         let mut r = req(1, 512, &none);

@@ -149,6 +149,7 @@ pub async fn run(
         },
     );
     tokio::spawn(node.clone().liveness_loop());
+    tokio::spawn(crate::session::drain_loop(node.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<Api>>().await;
