@@ -131,9 +131,9 @@ fn last_change(state: &ClusterState, id: &str) -> u64 {
         .fold(created, u64::max)
 }
 
-/// Whether host `host`'s inventory arrived after the VM's last change.
+/// Whether host `host`'s inventory arrived after the change at index `since` was applied.
 fn fresh(inv: &Inventories, host: &str, since: u64) -> bool {
-    inv.get(host).is_some_and(|i| i.index > since)
+    inv.get(host).is_some_and(|i| i.index >= since)
 }
 
 /// What to do for one host now.
@@ -393,7 +393,7 @@ mod tests {
         );
         // An inventory older than the record says nothing about it.
         let mut stale = inv(&[(h, vec![])]);
-        stale.get_mut(h).unwrap().index = 3;
+        stale.get_mut(h).unwrap().index = 2;
         assert_eq!(plan(&s, h, &stale, &none), Plan::default());
         assert_eq!(
             plan(&s, h, &inv(&[(h, vec![obs("a", "stopped")])]), &none).commands,

@@ -59,6 +59,9 @@ enum Cmd {
         /// Seconds of heartbeat silence after which a host is marked down.
         #[arg(long, default_value_t = 15)]
         down_after_secs: u64,
+        /// Heartbeat interval the agents are told, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        heartbeat_interval_ms: u64,
     },
 }
 
@@ -114,7 +117,11 @@ async fn main() -> anyhow::Result<()> {
             snapshot_every,
             keep_after_snapshot,
             down_after_secs,
+            heartbeat_interval_ms,
         } => {
+            if heartbeat_interval_ms == 0 {
+                bail!("invalid --heartbeat-interval-ms 0: expected a positive number");
+            }
             let mut cfg = ServerConfig::single(id, listen, data_dir);
             if let Some(m) = initial_members {
                 cfg.initial_members = parse_members(&m)?;
@@ -126,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.snapshot_every = snapshot_every;
             cfg.keep_after_snapshot = keep_after_snapshot;
             cfg.down_after = Duration::from_secs(down_after_secs);
+            cfg.heartbeat_interval = Duration::from_millis(heartbeat_interval_ms);
             let shutdown = async {
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -128,6 +128,8 @@ pub struct ClusterOptions {
     pub down_after_secs: u64,
     /// Placement policy name.
     pub policy: String,
+    /// Heartbeat interval told to agents, ms.
+    pub heartbeat_interval_ms: u64,
 }
 
 impl Default for ClusterOptions {
@@ -137,6 +139,7 @@ impl Default for ClusterOptions {
             keep_after_snapshot: 1_000,
             down_after_secs: 15,
             policy: "binpack".into(),
+            heartbeat_interval_ms: 5000,
         }
     }
 }
@@ -195,6 +198,8 @@ impl TestCluster {
             self.opts.down_after_secs.to_string(),
             "--policy".into(),
             self.opts.policy.clone(),
+            "--heartbeat-interval-ms".into(),
+            self.opts.heartbeat_interval_ms.to_string(),
         ];
         match members {
             Some(m) => args.extend(["--initial-members".to_string(), m.to_string()]),
