@@ -503,6 +503,7 @@ async fn main() {
                         memory_mib: 262_144,
                     }),
                     labels: Default::default(),
+                    vms: vec![],
                 })
                 .await
                 .expect("register agent host");

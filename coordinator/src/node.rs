@@ -71,6 +71,8 @@ pub enum ForwardRequest {
 }
 
 /// The leader's answer.
+// Short-lived (serialized at once); boxing the reply would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardReply {
     /// Write applied at this index.
