@@ -167,21 +167,7 @@ impl Link {
     }
 
     fn channel(&self, endpoint: &str) -> Result<Channel, LinkError> {
-        let bad = |reason: String| LinkError::Endpoint {
-            endpoint: endpoint.to_string(),
-            reason,
-        };
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut e = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(2))
-            .keep_alive_timeout(Duration::from_secs(4));
-        if let Some(tls) = &self.tls {
-            e = e.tls_config(tls.clone()).map_err(|e| bad(e.to_string()))?;
-        }
-        Ok(e.connect_lazy())
+        channel(endpoint, self.tls.as_ref())
     }
 
     /// One session: register, open the command stream, heartbeat and run commands until
@@ -534,6 +520,25 @@ impl Link {
     }
 }
 
+/// A lazily connected channel to `endpoint`: TLS with `tls`, plain HTTP/2 without.
+fn channel(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, LinkError> {
+    let bad = |reason: String| LinkError::Endpoint {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut e = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(4));
+    if let Some(tls) = tls {
+        e = e.tls_config(tls.clone()).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(e.connect_lazy())
+}
+
 /// "not the leader; leader N at ADDR" → ADDR.
 fn leader_address(message: &str) -> Option<String> {
     let rest = message.strip_prefix("not the leader; leader ")?;
@@ -642,6 +647,60 @@ mod tests {
             Some("127.0.0.1:7401")
         );
         assert_eq!(leader_address("not the leader; no leader known"), None);
+    }
+
+    /// The TLS client against a real TLS server that demands a client certificate from the
+    /// cluster CA (the health service stands in for the coordinator).
+    #[tokio::test]
+    async fn tls_presents_the_agent_certificate_and_verifies_the_coordinator() {
+        use tonic::transport::{Server, ServerTlsConfig};
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+
+        let dir = tempfile::tempdir().unwrap();
+        let certs = novacron_migration::certs::ClusterDir::new(dir.path());
+        certs.init("t").unwrap();
+        certs.issue("a").unwrap();
+        certs.issue("coordinator").unwrap();
+        let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+        let (cert, key) = certs.agent_paths("coordinator").unwrap();
+        let server_tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(read(cert), read(key)))
+            .client_ca_root(Certificate::from_pem(read(certs.ca_cert_path())));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            Server::builder()
+                .tls_config(server_tls)
+                .unwrap()
+                .add_service(health)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut cfg = AgentConfig::default();
+        cfg.migration.cert_dir = Some(dir.path().to_path_buf());
+        cfg.coordinator.tls = true;
+        let check = |tls: ClientTlsConfig| {
+            let addr = addr.clone();
+            async move {
+                HealthClient::new(channel(&addr, Some(&tls)).unwrap())
+                    .check(HealthCheckRequest::default())
+                    .await
+            }
+        };
+        let ok = check(tls_config(&cfg, "a").unwrap()).await;
+        assert!(ok.is_ok(), "{ok:?}");
+        // Without a client certificate the server refuses the connection.
+        let anonymous = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(certs.ca_cert_path())))
+            .domain_name("coordinator");
+        assert!(check(anonymous).await.is_err());
+        // A server under another name is refused by the agent.
+        cfg.coordinator.server_name = "elsewhere".into();
+        assert!(check(tls_config(&cfg, "a").unwrap()).await.is_err());
+        // Missing material is named.
+        let err = tls_config(&cfg, "nobody").unwrap_err().to_string();
+        assert!(err.contains("nobody"), "{err}");
     }
 
     #[test]
