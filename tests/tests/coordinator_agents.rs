@@ -467,3 +467,121 @@ fn an_agent_restart_during_a_migration_ends_it_cleanly() {
         }
     });
 }
+
+/// Waits until agent `agent` holds `vm` in state `want`.
+async fn agent_state(site: &Site, agent: &str, vm: &str, want: &str) {
+    site.wait(&format!("{vm} {want} on agent {agent}"), || async {
+        let mut c = site.client(agent).await;
+        let v = c.get_vm(common::vm_ref(vm)).await.ok()?.into_inner();
+        (v.state == want).then_some(())
+    })
+    .await
+}
+
+#[test]
+fn reconcile_adopts_what_runs_and_applies_what_should() {
+    run(async {
+        let mut site = Site::start().await;
+        // A VM started on agent a behind the coordinator's back: the agent is the truth for
+        // what runs, so the coordinator records it there.
+        let mut ac = site.client("a").await;
+        common::start_test_guest(&mut ac, "stray", 32, "nc.mem=4 nc.rate=1000").await;
+        let rec = site
+            .wait("the stray VM adopted", || {
+                let mut c = site.coord.clone();
+                async move {
+                    c.get_vm(cpb::GetRequest {
+                        id: "stray".into(),
+                        consistent: false,
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .vm
+                }
+            })
+            .await;
+        assert_eq!(rec.host_id, "a", "{rec:?}");
+        assert_eq!(rec.desired, cpb::VmDesiredState::Running as i32);
+        assert!(rec.boot.as_ref().is_some_and(|b| b.test_guest), "{rec:?}");
+        let events = site
+            .coord
+            .clone()
+            .watch_events(cpb::WatchEventsRequest { from_seq: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut events = std::pin::pin!(events);
+        let adopted = loop {
+            let e = tokio::time::timeout(WAIT, events.message())
+                .await
+                .expect("events")
+                .expect("event stream")
+                .expect("an event");
+            if e.kind == "vm.adopted" {
+                break e;
+            }
+        };
+        assert_eq!(adopted.object_id, rec.id);
+
+        // The coordinator is the truth for what should run: stop, start, delete.
+        let mut c = site.coord.clone();
+        c.stop_vm(cpb::VmRef { id: rec.id.clone() }).await.unwrap();
+        agent_state(&site, "a", "stray", "stopped").await;
+        c.start_vm(cpb::VmRef { id: rec.id.clone() }).await.unwrap();
+        agent_state(&site, "a", "stray", "running").await;
+
+        // An agent that stops heartbeating is Down, its records kept; back, it is Up and its
+        // VM still runs where recorded.
+        site.agent_mut("a").kill().expect("SIGKILL agent a");
+        site.wait("host a down", || {
+            let mut c = site.coord.clone();
+            async move {
+                let h = c
+                    .get_host(cpb::GetRequest {
+                        id: "a".into(),
+                        consistent: false,
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .host?;
+                (h.state == cpb::HostState::Down as i32).then_some(h)
+            }
+        })
+        .await;
+        assert_eq!(site.vm("stray").await.host_id, "a");
+        site.agent_mut("a")
+            .restart()
+            .await
+            .expect("restarting agent a");
+        site.wait("host a up", || {
+            let mut c = site.coord.clone();
+            async move {
+                let h = c
+                    .get_host(cpb::GetRequest {
+                        id: "a".into(),
+                        consistent: false,
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .host?;
+                (h.state == cpb::HostState::Up as i32).then_some(())
+            }
+        })
+        .await;
+        assert_eq!(site.settled("stray").await, "a");
+
+        c.stop_vm(cpb::VmRef { id: rec.id.clone() }).await.unwrap();
+        agent_state(&site, "a", "stray", "stopped").await;
+        c.delete_vm(cpb::VmRef { id: rec.id.clone() })
+            .await
+            .unwrap();
+        site.wait("stray deleted on agent a", || async {
+            vm_dirs(site.agent("a")).is_empty().then_some(())
+        })
+        .await;
+        assert!(site.agent("a").vmm_pids().is_empty());
+    });
+}
