@@ -92,6 +92,27 @@ retrain_every = 600
 forecast_every = 60
 # Where the LSTM weights are kept (default: anomaly.safetensors in state_dir).
 # weights = "/var/lib/novacron/anomaly.safetensors"
+
+# The site coordinator this agent dials (outbound gRPC): it registers this host with its
+# inventory, heartbeats, and runs the commands the coordinator streams to it. Needs
+# [migration] agent_name (the host id) and listen (the address other agents migrate to).
+# Without endpoints the agent runs on its own.
+[coordinator]
+# Coordinator addresses ("host:port"); the agent follows the leader among them.
+endpoints = []
+# Heartbeat interval until the coordinator names its own, in milliseconds.
+heartbeat_interval_ms = 5000
+# Dial with mutual TLS: the cluster CA and this agent's certificate from [migration] cert_dir,
+# the coordinator verified under `server_name`. false: plain HTTP/2 (loopback tests only).
+tls = false
+server_name = "coordinator"
+# Capacity offered to the coordinator (0 = this host's CPUs / max_memory_mib or MemTotal).
+vcpus = 0
+memory_mib = 0
+
+# Labels of this host for placement selectors.
+[coordinator.labels]
+# rack = "r1"
 "#;
 
 /// The agent's configuration.
@@ -116,6 +137,42 @@ pub struct AgentConfig {
     pub migration: MigrationConfig,
     /// Per-VM telemetry and the `/metrics` endpoint.
     pub telemetry: novacron_telemetry::TelemetryConfig,
+    /// The site coordinator this agent dials.
+    pub coordinator: CoordinatorConfig,
+}
+
+/// The `[coordinator]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// Coordinator addresses ("host:port"); empty = none.
+    pub endpoints: Vec<String>,
+    /// Heartbeat interval until the coordinator names its own, ms.
+    pub heartbeat_interval_ms: u64,
+    /// Mutual TLS with the cluster CA and this agent's certificate.
+    pub tls: bool,
+    /// The name the coordinators' certificates carry.
+    pub server_name: String,
+    /// vCPUs offered (0 = this host's CPUs).
+    pub vcpus: u32,
+    /// Memory offered, MiB (0 = `max_memory_mib`, else MemTotal).
+    pub memory_mib: u64,
+    /// Host labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            endpoints: Vec::new(),
+            heartbeat_interval_ms: 5000,
+            tls: false,
+            server_name: "coordinator".into(),
+            vcpus: 0,
+            memory_mib: 0,
+            labels: BTreeMap::new(),
+        }
+    }
 }
 
 /// The `[migration]` table.
@@ -159,6 +216,7 @@ impl Default for AgentConfig {
             max_memory_mib: 0,
             migration: MigrationConfig::default(),
             telemetry: novacron_telemetry::TelemetryConfig::default(),
+            coordinator: CoordinatorConfig::default(),
         }
     }
 }
@@ -253,6 +311,8 @@ impl AgentConfig {
         }
         cfg.check_migration()
             .map_err(|(field, reason)| invalid(field, reason))?;
+        cfg.check_coordinator()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         cfg.telemetry
             .validate()
             .map_err(|(field, reason)| invalid(field, reason))?;
@@ -299,6 +359,45 @@ impl AgentConfig {
         Ok(())
     }
 
+    fn check_coordinator(&self) -> Result<(), (&'static str, String)> {
+        let c = &self.coordinator;
+        if c.heartbeat_interval_ms == 0 {
+            return Err((
+                "coordinator.heartbeat_interval_ms",
+                "0; expected a positive number of milliseconds".into(),
+            ));
+        }
+        if c.endpoints.is_empty() {
+            return Ok(());
+        }
+        for e in &c.endpoints {
+            if !e
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+            {
+                return Err((
+                    "coordinator.endpoints",
+                    format!("{e:?}: expected \"host:port\""),
+                ));
+            }
+        }
+        if self.migration.agent_name.is_none() || self.migration.listen.is_none() {
+            return Err((
+                "coordinator.endpoints",
+                "set, but [migration] agent_name and listen are not; expected both (the host id \
+                 and the address other agents migrate to)"
+                    .into(),
+            ));
+        }
+        if c.tls && c.server_name.is_empty() {
+            return Err((
+                "coordinator.server_name",
+                "empty; expected the name in the coordinators' certificates".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The VMM program: `vmm_binary` or the running executable.
     pub fn vmm_program(&self) -> std::io::Result<PathBuf> {
         match &self.vmm_binary {
@@ -326,6 +425,28 @@ mod tests {
 
     fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::parse(text, Path::new("/etc/novacron/agent.toml"))
+    }
+
+    #[test]
+    fn coordinator_needs_a_host_identity_and_valid_endpoints() {
+        let err = parse("[coordinator]\nendpoints = [\"127.0.0.1:7400\"]\n").unwrap_err();
+        assert!(
+            err.to_string().contains("invalid coordinator.endpoints")
+                && err.to_string().contains("agent_name and listen"),
+            "{err}"
+        );
+        let ok = "[migration]\nlisten = \"127.0.0.1:7100\"\nagent_name = \"a\"\n\
+                  cert_dir = \"/c\"\n[coordinator]\nendpoints = [\"127.0.0.1:7400\"]\n";
+        let cfg = parse(ok).unwrap();
+        assert_eq!(
+            cfg.coordinator.endpoints,
+            vec!["127.0.0.1:7400".to_string()]
+        );
+        let err = parse(&ok.replace("127.0.0.1:7400", "nope")).unwrap_err();
+        assert!(
+            err.to_string().contains("\"nope\": expected \"host:port\""),
+            "{err}"
+        );
     }
 
     #[test]

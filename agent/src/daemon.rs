@@ -51,6 +51,9 @@ pub enum DaemonError {
     /// Telemetry could not start (its `/metrics` address is unusable).
     #[error("{0}")]
     Telemetry(String),
+    /// The coordinator link could not be set up (its TLS material is unusable).
+    #[error("{0}")]
+    Coordinator(String),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -185,6 +188,12 @@ pub async fn serve(
     } else {
         None
     };
+    if let Some(link) = crate::coordinator::Link::new(&cfg, mgr.clone(), telemetry.clone())
+        .map_err(|e| DaemonError::Coordinator(e.to_string()))?
+    {
+        info!(endpoints = ?cfg.coordinator.endpoints, "dialing the coordinator");
+        tokio::spawn(link.run());
+    }
     let listener = bind(&cfg.socket).await?;
     info!(socket = %cfg.socket.display(), "serving");
     let (down_tx, down_rx) = tokio::sync::oneshot::channel::<()>();

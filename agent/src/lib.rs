@@ -6,11 +6,13 @@
 //! * [`migration`]: live migration between agents (the agent-to-agent requests, following
 //!   a VMM's outgoing migration).
 //! * [`daemon`]: serving the API on a unix socket.
+//! * [`coordinator`]: the link to the site coordinator (register, heartbeat, commands).
 //! * [`telemetry`]: the VMs handed to `novacron-telemetry` (eBPF probes, `/metrics`).
 //! * [`testing`]: [`testing::TestAgent`], a real daemon in a temporary directory for tests.
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod coordinator;
 pub mod daemon;
 pub mod manager;
 pub mod migration;

@@ -569,8 +569,11 @@ async fn request(
 pub struct MigrateParams {
     /// The VM.
     pub id_or_name: String,
-    /// The destination agent (a name in `[migration.peers]`).
+    /// The destination agent (a name in `[migration.peers]`, or any agent with `to_address`).
     pub to_agent: String,
+    /// The destination agent's migration address ("host:port"), when it is not a peer
+    /// (given by the coordinator).
+    pub to_address: Option<String>,
     /// Longest acceptable downtime, ms (0 = 50).
     pub downtime_limit_ms: u64,
     /// Give up (or force) after this many seconds (0 = 300).
@@ -643,7 +646,11 @@ impl VmManager {
                 format!("{:?} is this agent; expected another agent", p.to_agent),
             ));
         }
-        let Some(peer_addr) = ctx.peers.get(&p.to_agent).cloned() else {
+        let Some(peer_addr) = p
+            .to_address
+            .clone()
+            .or_else(|| ctx.peers.get(&p.to_agent).cloned())
+        else {
             let known: Vec<&str> = ctx.peers.keys().map(String::as_str).collect();
             return Err(invalid(
                 "to_agent",

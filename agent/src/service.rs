@@ -250,6 +250,7 @@ impl AgentService for AgentServiceImpl {
             .migrate(MigrateParams {
                 id_or_name: r.id_or_name,
                 to_agent: r.to_agent,
+                to_address: None,
                 downtime_limit_ms: r.downtime_limit_ms,
                 time_limit_s: r.time_limit_s,
                 force_at_time_limit: r.force_at_time_limit,

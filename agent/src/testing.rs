@@ -109,6 +109,8 @@ pub struct TestAgentOptions {
     /// The `[telemetry]` table (default: telemetry disabled, so that agents of other tests
     /// load no probes and bind no port).
     pub telemetry: Option<novacron_telemetry::TelemetryConfig>,
+    /// The `[coordinator]` table (default: none).
+    pub coordinator: Option<crate::config::CoordinatorConfig>,
 }
 
 /// A `novacron-agent` daemon with a temporary socket and state directory.
@@ -154,6 +156,9 @@ impl TestAgent {
         }
         if let Some(m) = &opts.migration {
             cfg.migration = m.clone();
+        }
+        if let Some(c) = &opts.coordinator {
+            cfg.coordinator = c.clone();
         }
         cfg.telemetry = opts
             .telemetry

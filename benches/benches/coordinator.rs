@@ -122,6 +122,7 @@ impl Target {
                     memory_used_mib: 1024,
                     running_vms: vec![],
                     anomalies: vec![],
+                    vms: vec![],
                 })
                 .await
                 .map(|_| ()),
@@ -446,6 +447,7 @@ async fn main() {
             memory_mib: 1 << 50,
         }),
         labels: Default::default(),
+        vms: vec![],
     })
     .await
     .expect("register bench host");
@@ -552,6 +554,7 @@ async fn main() {
                         memory_mib: 262_144,
                     }),
                     labels: Default::default(),
+                    vms: vec![],
                 })
                 .await
                 .expect("register agent host");

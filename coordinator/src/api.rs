@@ -12,10 +12,12 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::agents::{AgentCommand, AgentVm};
 use crate::auth::Caller;
 use crate::node::{CoreError, Freshness, Heartbeat, Node};
 use crate::state::{
-    Command, Host, HostState, Migration, Phase, Reply, Resources, StateError, Vm, VmDesired,
+    BootSpec, Command, Host, HostState, Migration, Phase, Reply, Resources, StateError, Vm,
+    VmDesired,
 };
 use crate::store::NodeId;
 
@@ -69,6 +71,76 @@ fn res_from(r: Option<pb::Resources>) -> Resources {
     Resources {
         vcpus: r.vcpus,
         memory_mib: r.memory_mib,
+    }
+}
+
+fn boot_pb(b: &BootSpec) -> pb::BootSpec {
+    pb::BootSpec {
+        test_guest: b.test_guest,
+        kernel: b.kernel.clone(),
+        initramfs: b.initramfs.clone(),
+        cmdline: b.cmdline.clone(),
+        entry: b.entry.clone(),
+    }
+}
+
+fn boot_from(b: Option<pb::BootSpec>) -> BootSpec {
+    let b = b.unwrap_or_default();
+    BootSpec {
+        test_guest: b.test_guest,
+        kernel: b.kernel,
+        initramfs: b.initramfs,
+        cmdline: b.cmdline,
+        entry: b.entry,
+    }
+}
+
+fn agent_vms_from(vms: Vec<pb::AgentVm>) -> Vec<AgentVm> {
+    vms.into_iter()
+        .map(|v| AgentVm {
+            name: v.name,
+            state: v.state,
+            resources: Resources {
+                vcpus: v.vcpus,
+                memory_mib: v.memory_mib,
+            },
+            boot: boot_from(v.boot),
+            migrating: v.migrating,
+        })
+        .collect()
+}
+
+fn command_pb(c: AgentCommand) -> pb::HostCommand {
+    use pb::host_command::Command as C;
+    let name = |name| pb::VmNameCommand { name };
+    pb::HostCommand {
+        command: Some(match c {
+            AgentCommand::Create {
+                name,
+                resources,
+                boot,
+                start,
+            } => C::Create(pb::CreateVmCommand {
+                name,
+                resources: Some(res_pb(resources)),
+                boot: Some(boot_pb(&boot)),
+                start,
+            }),
+            AgentCommand::Start(n) => C::Start(name(n)),
+            AgentCommand::Stop(n) => C::Stop(name(n)),
+            AgentCommand::Delete(n) => C::Delete(name(n)),
+            AgentCommand::Migrate {
+                name,
+                migration_id,
+                target_host,
+                target_address,
+            } => C::Migrate(pb::MigrateVmCommand {
+                name,
+                migration_id,
+                target_host,
+                target_address,
+            }),
+        }),
     }
 }
 
@@ -127,6 +199,7 @@ fn vm_pb(v: &Vm) -> pb::Vm {
         host_id: v.host_id.clone(),
         created_index: v.created_index,
         migration_id: v.migration_id.clone(),
+        boot: Some(boot_pb(&v.boot)),
     }
 }
 
@@ -255,6 +328,7 @@ impl Api {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 type VmChangeStream = Pin<Box<dyn Stream<Item = Result<pb::VmChange, Status>> + Send>>;
+type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::HostCommand, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Coordinator for Api {
@@ -265,13 +339,24 @@ impl Coordinator for Api {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         caller.may_speak_for(&r.id, "RegisterHost")?;
-        self.write_host(Command::RegisterHost {
-            id: r.id,
-            address: r.address,
-            capacity: res_from(r.capacity),
-            labels: r.labels.into_iter().collect(),
-        })
-        .await
+        let reply = self
+            .write_host(Command::RegisterHost {
+                id: r.id.clone(),
+                address: r.address,
+                capacity: res_from(r.capacity),
+                labels: r.labels.into_iter().collect(),
+            })
+            .await?;
+        // The inventory is the first heartbeat: reconciliation starts from it.
+        self.node
+            .heartbeat(Heartbeat {
+                host_id: r.id,
+                vms: agent_vms_from(r.vms),
+                ..Default::default()
+            })
+            .await
+            .map_err(status)?;
+        Ok(reply)
     }
 
     async fn heartbeat(
@@ -305,6 +390,7 @@ impl Coordinator for Api {
                         end_unix_ms: a.end_unix_ms,
                     })
                     .collect(),
+                vms: agent_vms_from(r.vms),
             })
             .await
             .map_err(status)?;
@@ -374,6 +460,7 @@ impl Coordinator for Api {
             start: r.start,
             policy: self.node.opts.policy,
             loads: Default::default(), // the leader fills in what it scores with
+            boot: boot_from(r.boot),
         })
         .await
     }
@@ -725,6 +812,34 @@ impl Coordinator for Api {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    type CommandsStream = CommandStream;
+
+    async fn commands(&self, req: Request<pb::HostRef>) -> Result<Response<CommandStream>, Status> {
+        let caller = Caller::of(&req);
+        let host = req.into_inner().id;
+        caller.may_speak_for(&host, "Commands")?;
+        if !self.node.is_leader() {
+            return Err(Status::unavailable(match self.node.leader() {
+                Some((id, addr)) => format!("not the leader; leader {id} at {addr}"),
+                None => "not the leader; no leader known".to_string(),
+            }));
+        }
+        let known = {
+            let g = self.node.sm.shared.read().expect("state lock");
+            g.state.hosts.contains_key(&host)
+        };
+        if !known {
+            return Err(not_found("host", &host));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<AgentCommand>(64);
+        tokio::spawn(crate::session::drive(self.node.clone(), host, tx));
+        let stream =
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |c| {
+                Ok(command_pb(c))
+            });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn cluster_status(

@@ -105,6 +105,7 @@ pub const COORDINATOR_RPCS: &[(&str, Need)] = &[
     ("RegisterHost", Need::Agent),
     ("Heartbeat", Need::Agent),
     ("ReportMigration", Need::Agent),
+    ("Commands", Need::Agent),
     ("GetHost", Need::Role(Role::Viewer)),
     ("ListHosts", Need::Role(Role::Viewer)),
     ("GetVm", Need::Role(Role::Viewer)),

@@ -106,6 +106,9 @@ enum Cmd {
         down_after_secs: u64,
         #[command(flatten)]
         sched: SchedArgs,
+        /// Heartbeat interval the agents are told, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        heartbeat_interval_ms: u64,
     },
 }
 
@@ -312,7 +315,11 @@ async fn main() -> anyhow::Result<()> {
             keep_after_snapshot,
             down_after_secs,
             sched,
+            heartbeat_interval_ms,
         } => {
+            if heartbeat_interval_ms == 0 {
+                bail!("invalid --heartbeat-interval-ms 0: expected a positive number");
+            }
             let mut cfg = ServerConfig::single(id, listen, data_dir);
             cfg.cluster_dir = cluster_dir;
             if let Some(m) = initial_members {
@@ -326,6 +333,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.keep_after_snapshot = keep_after_snapshot;
             cfg.down_after = Duration::from_secs(down_after_secs);
             sched.apply(&mut cfg)?;
+            cfg.heartbeat_interval = Duration::from_millis(heartbeat_interval_ms);
             let shutdown = async {
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -74,6 +74,8 @@ pub enum ForwardRequest {
 }
 
 /// The leader's answer.
+// Short-lived (serialized at once); boxing the reply would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardReply {
     /// Write applied at this index.
@@ -104,6 +106,9 @@ pub struct Heartbeat {
     /// Active anomalies the agent's detector reports on its VMs.
     #[serde(default)]
     pub anomalies: Vec<VmAnomaly>,
+    /// Every VM the agent holds, with its state (for reconciliation).
+    #[serde(default)]
+    pub vms: Vec<crate::agents::AgentVm>,
 }
 
 /// One active anomaly on a VM, as its host's agent reports it (kept in memory with the heartbeat).
@@ -128,6 +133,8 @@ pub struct Liveness {
     pub last_seen: Instant,
     /// Last report, if any since this node became leader.
     pub last: Option<Heartbeat>,
+    /// Applied log index when the last report arrived.
+    pub applied_at: u64,
 }
 
 /// Tunables.
@@ -177,6 +184,8 @@ pub struct Node {
     /// Tunables.
     pub opts: Options,
     liveness: Mutex<HashMap<String, Liveness>>,
+    /// The agents' command sessions on this node.
+    pub sessions: crate::session::Sessions,
     peers: Mutex<HashMap<String, RaftTransportClient<Channel>>>,
     quorum_ok_at: Mutex<Option<Instant>>,
     board: Mutex<Board>,
@@ -190,6 +199,7 @@ impl Node {
             sm,
             opts,
             liveness: Mutex::new(HashMap::new()),
+            sessions: Default::default(),
             peers: Mutex::new(HashMap::new()),
             quorum_ok_at: Mutex::new(None),
             board: Mutex::new(Board::default()),
@@ -518,9 +528,12 @@ impl Node {
     }
 
     async fn heartbeat_local(&self, hb: Heartbeat) -> Result<HostState, CoreError> {
-        let state = {
+        let (state, applied_at) = {
             let g = self.sm.shared.read().expect("state lock");
-            g.state.hosts.get(&hb.host_id).map(|h| h.state)
+            (
+                g.state.hosts.get(&hb.host_id).map(|h| h.state),
+                g.applied.map(|l| l.index).unwrap_or(0),
+            )
         };
         let Some(state) = state else {
             return Err(StateError::NotFound {
@@ -535,6 +548,7 @@ impl Node {
             Liveness {
                 last_seen: Instant::now(),
                 last: Some(hb),
+                applied_at,
             },
         );
         if state == HostState::Down {
@@ -549,6 +563,25 @@ impl Node {
             }
         }
         Ok(state)
+    }
+
+    /// The agents' latest inventories (in memory on the leader), by host.
+    pub fn inventories(&self) -> crate::agents::Inventories {
+        self.liveness
+            .lock()
+            .expect("liveness lock")
+            .iter()
+            .filter_map(|(id, l)| {
+                let hb = l.last.as_ref()?;
+                Some((
+                    id.clone(),
+                    crate::agents::Inventory {
+                        index: l.applied_at,
+                        vms: hb.vms.clone(),
+                    },
+                ))
+            })
+            .collect()
     }
 
     /// The leader's in-memory view of a host's liveness.
@@ -579,6 +612,7 @@ impl Node {
                         Liveness {
                             last_seen: now,
                             last: None,
+                            applied_at: 0,
                         },
                     );
                 }
@@ -599,6 +633,7 @@ impl Node {
                         let e = l.entry(h.id.clone()).or_insert(Liveness {
                             last_seen: now,
                             last: None,
+                            applied_at: 0,
                         });
                         now.duration_since(e.last_seen) > self.opts.down_after
                     })

@@ -515,6 +515,7 @@ mod tests {
                         anti_affinity_group: String::new(),
                         start: true,
                         policy: Policy::BinPack,
+                        boot: Default::default(),
                         loads,
                     },
                 )

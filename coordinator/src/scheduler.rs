@@ -468,6 +468,7 @@ mod tests {
                 host_id: "a".into(),
                 created_index: 1,
                 migration_id: String::new(),
+                boot: Default::default(),
             },
         );
         let mut r = req(1, 512, &none);
@@ -700,6 +701,7 @@ mod tests {
             anti_affinity_group: String::new(),
             start: true,
             policy: Policy::BinPack,
+            boot: Default::default(),
             loads: loads(&[("h1", 200, 0), ("h2", 300, 950)]),
         };
         // Each replica decodes the log entry's bytes and applies it to its own copy.

@@ -189,6 +189,7 @@ pub async fn run(
     let mut rebalance = cfg.rebalance.clone();
     rebalance.policy = cfg.policy;
     tokio::spawn(rebalancer::run(node.clone(), rebalance));
+    tokio::spawn(crate::session::drain_loop(node.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<Api>>().await;

@@ -80,6 +80,21 @@ impl Host {
     }
 }
 
+/// What an agent boots for a VM (carried to the agent in its create command).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSpec {
+    /// The agent's built-in test guest.
+    pub test_guest: bool,
+    /// Absolute kernel path on the host ("" with the test guest).
+    pub kernel: String,
+    /// Absolute initramfs path ("" = none).
+    pub initramfs: String,
+    /// Kernel command line (the test guest's workload settings).
+    pub cmdline: String,
+    /// Entry protocol ("" = auto).
+    pub entry: String,
+}
+
 /// What should happen to a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmDesired {
@@ -110,6 +125,9 @@ pub struct Vm {
     pub created_index: u64,
     /// The migration moving it ("" = none).
     pub migration_id: String,
+    /// What the agent boots.
+    #[serde(default)]
+    pub boot: BootSpec,
 }
 
 /// Phase of a migration operation.
@@ -206,6 +224,9 @@ pub enum Command {
         /// The load inputs the leader scored with (filled in by the leader when it proposes).
         #[serde(default)]
         loads: Loads,
+        /// What the agent boots.
+        #[serde(default)]
+        boot: BootSpec,
     },
     /// Set what should happen to a VM.
     SetVmDesired {
@@ -260,6 +281,18 @@ pub enum Command {
         object_id: String,
         /// Human text.
         message: String,
+    },
+    /// An agent runs a VM the record puts elsewhere or nowhere: the agent is the truth for what
+    /// runs, so the record follows it (created when unknown, moved when placed elsewhere).
+    AdoptVm {
+        /// The host that runs it.
+        host_id: String,
+        /// The VM's name.
+        name: String,
+        /// What it uses there.
+        resources: Resources,
+        /// What it boots.
+        boot: BootSpec,
     },
 }
 
@@ -404,6 +437,9 @@ pub fn validate(cmd: &Command) -> Result<(), StateError> {
             }) =>
         {
             return invalid("notice kind", "\"rebalancer.\" followed by [a-z_.]");
+        }
+        Command::AdoptVm { name, .. } if !name_ok(name) => {
+            return invalid("vm name", "1-128 characters of [A-Za-z0-9._-]");
         }
         Command::ReportMigration { phase, .. } if *phase == Phase::Pending => {
             return invalid("phase", "RUNNING, SUCCEEDED, FAILED or CANCELLED");
@@ -575,6 +611,7 @@ impl ClusterState {
                 start,
                 policy,
                 loads,
+                boot,
             } => {
                 if let Some(id) = self.vm_names.get(name) {
                     return Err(StateError::AlreadyExists {
@@ -608,6 +645,7 @@ impl ClusterState {
                     host_id: host_id.clone(),
                     created_index: index,
                     migration_id: String::new(),
+                    boot: boot.clone(),
                 };
                 let h = self
                     .hosts
@@ -811,6 +849,71 @@ impl ClusterState {
                 events.push(ev(kind, object_id, message.clone()));
                 Ok(Reply::Empty)
             }
+            Command::AdoptVm {
+                host_id,
+                name,
+                resources,
+                boot,
+            } => {
+                self.host(host_id)?;
+                let Some(id) = self.vm_names.get(name).cloned() else {
+                    let id = format!("vm-{index}");
+                    let vm = Vm {
+                        id: id.clone(),
+                        name: name.clone(),
+                        resources: *resources,
+                        labels: BTreeMap::new(),
+                        anti_affinity_group: String::new(),
+                        desired: VmDesired::Running,
+                        host_id: host_id.clone(),
+                        created_index: index,
+                        migration_id: String::new(),
+                        boot: boot.clone(),
+                    };
+                    let h = self.hosts.get_mut(host_id).expect("checked");
+                    h.allocated.add(*resources);
+                    insert_sorted(&mut h.vm_ids, &id);
+                    self.vms.insert(id.clone(), vm.clone());
+                    self.vm_names.insert(name.clone(), id.clone());
+                    keys.extend([Key::Vm(id.clone()), Key::Host(host_id.clone())]);
+                    events.push(ev(
+                        "vm.adopted",
+                        &id,
+                        format!("{name} runs on {host_id} and had no record: recorded there"),
+                    ));
+                    return Ok(Reply::Vm(vm));
+                };
+                let vm = self.vms[&id].clone();
+                if !vm.migration_id.is_empty() {
+                    return Err(StateError::FailedPrecondition(format!(
+                        "vm {id} is migrating ({}): its outcome decides where it runs",
+                        vm.migration_id
+                    )));
+                }
+                if vm.host_id == *host_id {
+                    return Ok(Reply::Vm(vm));
+                }
+                if let Some(h) = self.hosts.get_mut(&vm.host_id) {
+                    h.allocated.sub(vm.resources);
+                    h.vm_ids.retain(|v| v != &id);
+                    keys.push(Key::Host(vm.host_id.clone()));
+                }
+                let h = self.hosts.get_mut(host_id).expect("checked");
+                h.allocated.add(vm.resources);
+                insert_sorted(&mut h.vm_ids, &id);
+                let v = self.vms.get_mut(&id).expect("present");
+                v.host_id = host_id.clone();
+                keys.extend([Key::Vm(id.clone()), Key::Host(host_id.clone())]);
+                events.push(ev(
+                    "vm.adopted",
+                    &id,
+                    format!(
+                        "{name} runs on {host_id}, recorded on {}: record moved",
+                        vm.host_id
+                    ),
+                ));
+                Ok(Reply::Vm(v.clone()))
+            }
         }
     }
 
@@ -895,7 +998,43 @@ mod tests {
             start: true,
             policy: Policy::BinPack,
             loads: Loads::default(),
+            boot: BootSpec::default(),
         }
+    }
+
+    #[test]
+    fn adopt_records_unknown_and_moves_misplaced() {
+        let mut s = ClusterState::default();
+        s.apply(1, &reg("h1", 4, 4096)).unwrap();
+        s.apply(2, &reg("h2", 4, 4096)).unwrap();
+        s.apply(3, &create("a", 1, 512)).unwrap();
+        let adopt = |host: &str, name: &str| Command::AdoptVm {
+            host_id: host.into(),
+            name: name.into(),
+            resources: Resources {
+                vcpus: 1,
+                memory_mib: 256,
+            },
+            boot: BootSpec::default(),
+        };
+        let (Reply::Vm(v), _, ev) = s.apply(4, &adopt("h2", "stray")).unwrap() else {
+            panic!()
+        };
+        assert_eq!((v.id.as_str(), v.host_id.as_str()), ("vm-4", "h2"));
+        assert_eq!(v.desired, VmDesired::Running);
+        assert_eq!(ev[0].kind, "vm.adopted");
+        let placed = s.vms["vm-3"].host_id.clone();
+        let other = if placed == "h1" { "h2" } else { "h1" };
+        s.apply(5, &adopt(other, "a")).unwrap();
+        assert_eq!(s.vms["vm-3"].host_id, other);
+        assert!(
+            s.hosts[&placed].vm_ids.is_empty()
+                || !s.hosts[&placed].vm_ids.contains(&"vm-3".to_string())
+        );
+        assert_eq!(s.hosts[&placed].allocated.vcpus, 0);
+        let before = s.clone();
+        assert!(s.apply(6, &adopt("nope", "a")).is_err());
+        assert_eq!(s, before);
     }
 
     #[test]

@@ -819,6 +819,7 @@ mod tests {
             anti_affinity_group: String::new(),
             start: true,
             policy: Policy::BinPack,
+            boot: Default::default(),
             loads: Default::default(),
         };
         let mut cmds = vec![reg("h1"), reg("h2")];

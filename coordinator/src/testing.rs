@@ -292,6 +292,8 @@ pub struct ClusterOptions {
     pub policy: String,
     /// More `run` flags (e.g. the rebalancer's).
     pub extra_args: Vec<String>,
+    /// Heartbeat interval told to agents, ms.
+    pub heartbeat_interval_ms: u64,
 }
 
 impl Default for ClusterOptions {
@@ -302,6 +304,7 @@ impl Default for ClusterOptions {
             down_after_secs: 15,
             policy: "binpack".into(),
             extra_args: vec![],
+            heartbeat_interval_ms: 5000,
         }
     }
 }
@@ -371,6 +374,8 @@ impl TestCluster {
             self.opts.down_after_secs.to_string(),
             "--policy".into(),
             self.opts.policy.clone(),
+            "--heartbeat-interval-ms".into(),
+            self.opts.heartbeat_interval_ms.to_string(),
         ];
         args.extend(self.opts.extra_args.iter().cloned());
         match members {

@@ -24,6 +24,7 @@ fn big_host(id: &str) -> pb::RegisterHostRequest {
             memory_mib: 1 << 40,
         }),
         labels: Default::default(),
+        vms: vec![],
     }
 }
 
@@ -199,6 +200,7 @@ fn heartbeat_of(host: &str) -> pb::HeartbeatRequest {
         memory_used_mib: 100,
         running_vms: vec![],
         anomalies: vec![],
+        vms: vec![],
     }
 }
 
@@ -651,6 +653,7 @@ async fn api_on_one_node_validates_places_migrates_streams_and_tracks_liveness()
         memory_used_mib: 100,
         running_vms: vec![],
         anomalies: vec![],
+        vms: vec![],
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -39,6 +39,7 @@ async fn start(mode: &str, dir: &Path) -> (TestCluster, Client, Reports) {
                 memory_mib: 8192,
             }),
             labels: Default::default(),
+            vms: vec![],
         })
         .await
         .unwrap();
@@ -69,6 +70,7 @@ async fn start(mode: &str, dir: &Path) -> (TestCluster, Client, Reports) {
                     memory_used_mib: 100,
                     running_vms: vec![],
                     anomalies,
+                    vms: vec![],
                 })
                 .await
                 .expect("heartbeat");
@@ -286,6 +288,7 @@ async fn a_follower_forwards_heartbeats_and_the_proposal_list_to_the_leader() {
                 memory_mib: 8192,
             }),
             labels: Default::default(),
+            vms: vec![],
         })
         .await
         .unwrap();
@@ -303,6 +306,7 @@ async fn a_follower_forwards_heartbeats_and_the_proposal_list_to_the_leader() {
                     memory_used_mib: 1,
                     running_vms: vec![],
                     anomalies: vec![],
+                    vms: vec![],
                 })
                 .await
                 .unwrap();

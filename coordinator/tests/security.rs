@@ -35,6 +35,7 @@ fn host(id: &str) -> pb::RegisterHostRequest {
             memory_mib: 65_536,
         }),
         labels: Default::default(),
+        vms: vec![],
     }
 }
 

@@ -93,6 +93,18 @@ pub enum VmsCmd {
         /// Desired state running.
         #[arg(long)]
         start: bool,
+        /// Boot the agents' built-in test guest (instead of --kernel).
+        #[arg(long)]
+        test_guest: bool,
+        /// Absolute kernel path on the hosts.
+        #[arg(long, default_value = "")]
+        kernel: String,
+        /// Absolute initramfs path on the hosts.
+        #[arg(long, default_value = "")]
+        initramfs: String,
+        /// Kernel command line (for the test guest: its workload, e.g. "nc.mem=8").
+        #[arg(long, default_value = "")]
+        cmdline: String,
     },
     /// Desire the VM running.
     Start {
@@ -641,6 +653,7 @@ pub async fn run(ctx: &Context, json: bool, cmd: Command) -> anyhow::Result<()> 
                             memory_mib: memory,
                         }),
                         labels: labels.into_iter().collect(),
+                        vms: vec![],
                     })
                     .await?
                     .into_inner();
@@ -729,6 +742,10 @@ pub async fn run(ctx: &Context, json: bool, cmd: Command) -> anyhow::Result<()> 
                     selector,
                     anti_affinity,
                     start,
+                    test_guest,
+                    kernel,
+                    initramfs,
+                    cmdline,
                 } => c
                     .create_vm(pb::CreateVmRequest {
                         name,
@@ -740,6 +757,13 @@ pub async fn run(ctx: &Context, json: bool, cmd: Command) -> anyhow::Result<()> 
                         host_selector: selector.into_iter().collect(),
                         anti_affinity_group: anti_affinity,
                         start,
+                        boot: Some(pb::BootSpec {
+                            test_guest,
+                            kernel,
+                            initramfs,
+                            cmdline,
+                            entry: String::new(),
+                        }),
                     })
                     .await?
                     .into_inner(),

@@ -234,6 +234,7 @@ async fn ctl_context_file_gives_endpoint_ca_and_token() {
                 memory_mib: 8192,
             }),
             labels: Default::default(),
+            vms: vec![],
         })
         .await
         .unwrap();
