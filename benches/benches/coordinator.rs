@@ -546,18 +546,29 @@ async fn main() {
             let sem = sem.clone();
             tasks.push(tokio::spawn(async move {
                 let _p = sem.acquire().await.expect("sem");
-                c.register_host(pb::RegisterHostRequest {
-                    id: format!("agent-{i}"),
-                    address: format!("10.0.{}.{}:7300", i / 250, i % 250),
-                    capacity: Some(pb::Resources {
-                        vcpus: 64,
-                        memory_mib: 262_144,
-                    }),
-                    labels: Default::default(),
-                    vms: vec![],
-                })
-                .await
-                .expect("register agent host");
+                // A loaded machine may cost the leader its quorum for a moment (UNAVAILABLE,
+                // nothing applied): retry that, a bounded number of times.
+                for attempt in 1.. {
+                    let r = c
+                        .register_host(pb::RegisterHostRequest {
+                            id: format!("agent-{i}"),
+                            address: format!("10.0.{}.{}:7300", i / 250, i % 250),
+                            capacity: Some(pb::Resources {
+                                vcpus: 64,
+                                memory_mib: 262_144,
+                            }),
+                            labels: Default::default(),
+                            vms: vec![],
+                        })
+                        .await;
+                    match r {
+                        Ok(_) => break,
+                        Err(e) if e.code() == tonic::Code::Unavailable && attempt < 50 => {
+                            tokio::time::sleep(Duration::from_millis(200)).await
+                        }
+                        Err(e) => panic!("register agent host: {e}"),
+                    }
+                }
             }));
         }
         for t in tasks {
