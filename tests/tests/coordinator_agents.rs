@@ -79,8 +79,6 @@ impl Site {
     async fn start() -> Site {
         let (_, coord_bin) = binaries();
         let dir = tempfile::tempdir().expect("temporary directory");
-        let certs = ClusterDir::new(dir.path().join("certs"));
-        certs.init("test-cluster").expect("cluster CA");
         let opts = ClusterOptions {
             heartbeat_interval_ms: 300,
             down_after_secs: 5,
@@ -89,6 +87,9 @@ impl Site {
         let coordinator = TestCluster::start(&coord_bin, &dir.path().join("coord"), 1, opts);
         coordinator.wait_leader(WAIT).await;
         let endpoint = coordinator.nodes[0].addr.clone();
+        // One cluster CA for both: the coordinator's, which also issues the agents' certificates
+        // (mTLS to the coordinator, and between agents for migrations).
+        let certs = ClusterDir::new(coordinator.pki.dir.path());
         let mut agents = Vec::new();
         for name in ["a", "b"] {
             certs.issue(name).expect("agent certificate");
@@ -102,6 +103,7 @@ impl Site {
                 coordinator: Some(CoordinatorConfig {
                     endpoints: vec![endpoint.clone()],
                     heartbeat_interval_ms: 300,
+                    tls: true,
                     vcpus: 4,
                     memory_mib: 1024,
                     ..Default::default()
