@@ -23,7 +23,8 @@ use tonic::transport::Channel;
 
 use crate::scheduler::Policy;
 use crate::state::{Command, HostState, Reply, StateError};
-use crate::store::{Applying, NodeId, StateMachineStore, TypeConfig};
+use crate::store::{Applying, NodeId, Proposal, StateMachineStore, TypeConfig};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Errors of the coordinator core; mapped to gRPC status codes in `api::status`.
 #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
@@ -170,12 +171,87 @@ pub struct Node {
     liveness: Mutex<HashMap<String, Liveness>>,
     peers: Mutex<HashMap<String, RaftTransportClient<Channel>>>,
     quorum_ok_at: Mutex<Option<Instant>>,
+    batcher: mpsc::UnboundedSender<Pending>,
+}
+
+/// A client write waiting for the batcher.
+type Pending = (Command, oneshot::Sender<Result<(Reply, u64), CoreError>>);
+
+/// Most commands in one log entry.
+const MAX_BATCH: usize = 512;
+/// Entries proposed and not yet committed at a time. While they are in flight, new writes
+/// queue up and go out together in the next entry (group commit).
+const IN_FLIGHT: usize = 4;
+
+/// Packs queued client writes into one [`Proposal`] per log entry and hands each writer its
+/// own result. A lone write goes out at once, alone; under load the writes that arrive while
+/// [`IN_FLIGHT`] entries are being committed share the next one. Runs until the node is dropped.
+async fn batcher(
+    raft: Raft<TypeConfig>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    write_timeout: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (cmds, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+            let n = cmds.len();
+            let res = tokio::time::timeout(write_timeout, raft.client_write(Proposal(cmds))).await;
+            let fail = |e: CoreError, waiters: Vec<oneshot::Sender<_>>| {
+                for w in waiters {
+                    let _ = w.send(Err(e.clone()));
+                }
+            };
+            match res {
+                Err(_) => fail(CoreError::Uncertain(write_timeout), waiters),
+                Ok(Ok(resp)) => {
+                    let index = resp.log_id.index;
+                    if resp.data.0.len() != n {
+                        let e = CoreError::Raft(format!(
+                            "entry {index} carried {n} commands but applied {}",
+                            resp.data.0.len()
+                        ));
+                        return fail(e, waiters);
+                    }
+                    for (w, r) in waiters.into_iter().zip(resp.data.0) {
+                        let _ = w.send(r.map(|reply| (reply, index)).map_err(CoreError::from));
+                    }
+                }
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => fail(
+                    CoreError::NoQuorum(format!(
+                        "leadership moved to {:?} while writing; retry",
+                        f.leader_id
+                    )),
+                    waiters,
+                ),
+                Ok(Err(e)) => fail(CoreError::Raft(e.to_string()), waiters),
+            }
+        });
+    }
 }
 
 impl Node {
     /// Wraps a started Raft node.
     pub fn new(raft: Raft<TypeConfig>, sm: StateMachineStore, opts: Options) -> Arc<Node> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batcher(raft.clone(), rx, opts.write_timeout));
         Arc::new(Node {
+            batcher: tx,
             raft,
             sm,
             opts,
@@ -342,24 +418,20 @@ impl Node {
             )));
         }
         self.check_quorum().await?;
-        let fut = self.raft.client_write(cmd);
-        let res = tokio::time::timeout(self.opts.write_timeout, fut)
+        let (tx, rx) = oneshot::channel();
+        self.batcher
+            .send((cmd, tx))
+            .map_err(|_| CoreError::Raft("the write batcher stopped".into()))?;
+        let res = tokio::time::timeout(self.opts.write_timeout, rx)
             .await
-            .map_err(|_| CoreError::Uncertain(self.opts.write_timeout))?;
+            .map_err(|_| CoreError::Uncertain(self.opts.write_timeout))?
+            .map_err(|_| CoreError::Raft("the write batcher dropped a write".into()))?;
         match res {
-            Ok(resp) => {
-                self.confirm_quorum();
-                let reply = resp.data.0?;
-                Ok((reply, resp.log_id.index))
-            }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(CoreError::NoQuorum(format!(
-                    "leadership moved to {:?} while writing; retry",
-                    f.leader_id
-                )))
-            }
-            Err(e) => Err(CoreError::Raft(e.to_string())),
+            // Committed (even if the state machine refused it): a majority follows us.
+            Ok(_) | Err(CoreError::State(_)) => self.confirm_quorum(),
+            Err(_) => {}
         }
+        res
     }
 
     /// Reads the state with freshness metadata; `consistent` waits for a linearizable point.
