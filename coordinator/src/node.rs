@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use novacron_proto::coordinator::v1::raft_transport_client::RaftTransportClient;
 use novacron_proto::coordinator::v1::RaftPayload;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
@@ -171,6 +171,7 @@ pub struct Node {
     liveness: Mutex<HashMap<String, Liveness>>,
     peers: Mutex<HashMap<String, RaftTransportClient<Channel>>>,
     quorum_ok_at: Mutex<Option<Instant>>,
+    quorum_check: tokio::sync::Mutex<()>,
     batcher: mpsc::UnboundedSender<Pending>,
 }
 
@@ -258,6 +259,7 @@ impl Node {
             liveness: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             quorum_ok_at: Mutex::new(None),
+            quorum_check: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -295,25 +297,49 @@ impl Node {
             return Ok(());
         }
         let limit = Duration::from_millis(2 * self.opts.election_timeout_ms.max(1));
-        if let Some(t) = *self.quorum_ok_at.lock().expect("quorum lock") {
-            if t.elapsed() < limit {
-                return Ok(());
-            }
+        let fresh = || {
+            self.quorum_ok_at
+                .lock()
+                .expect("quorum lock")
+                .is_some_and(|t| t.elapsed() < limit)
+        };
+        if fresh() {
+            return Ok(());
         }
-        match tokio::time::timeout(limit, self.raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => {
-                self.confirm_quorum();
-                Ok(())
+        // One check at a time: a burst of writes after an idle spell waits for one heartbeat
+        // round instead of starting one each (hundreds of rounds at once overloaded the
+        // followers and failed some checks).
+        let _one = self.quorum_check.lock().await;
+        if fresh() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = match tokio::time::timeout(left, self.raft.ensure_linearizable()).await {
+                Ok(Ok(_)) => {
+                    self.confirm_quorum();
+                    return Ok(());
+                }
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                    return Err(CoreError::NoQuorum(format!(
+                        "node {} is no longer the leader (now {:?})",
+                        self.opts.id, f.leader_id
+                    )));
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer".to_string(),
+            };
+            // A round that missed a majority (followers slow under load, or gone): try again
+            // until the limit, then refuse.
+            if Instant::now() + Duration::from_millis(50) >= deadline {
+                return Err(CoreError::NoQuorum(format!(
+                    "leader {} could not confirm its leadership with a majority of the {voters} voters within {} ms: {e}",
+                    self.opts.id,
+                    limit.as_millis()
+                )));
             }
-            Ok(Err(e)) => Err(CoreError::NoQuorum(format!(
-                "node {} is not the leader of a majority of the {voters} voters: {e}",
-                self.opts.id
-            ))),
-            Err(_) => Err(CoreError::NoQuorum(format!(
-                "leader {} could not confirm its leadership with a majority of the {voters} voters within {} ms",
-                self.opts.id,
-                limit.as_millis()
-            ))),
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

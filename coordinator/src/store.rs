@@ -381,6 +381,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             m.entries = m.entries.split_off(&(log_id.index + 1));
             m.purged = Some(log_id);
         }
+        // Purging past the last entry (after a snapshot install) makes the purge point the last.
+        self.last_index.fetch_max(log_id.index, Ordering::SeqCst);
         self.wal
             .write(
                 vec![Record::Purge {
