@@ -5,7 +5,7 @@
 //! - write, 1 client: sequential CreateVm (coordinator) vs Put of an equivalent VM record (etcd).
 //! - write, C clients (each with its own HTTP/2 connection), for a fixed time.
 //! - leader failover: SIGKILL the coordinator leader under a 16-client write load; time from
-//!   the kill to the first acknowledged write after it.
+//!   the kill to the first acknowledgement of a write sent after it.
 //! - heartbeats: N simulated agents (default 10,000; `NOVACRON_BENCH_AGENTS`), each with its own
 //!   connection, heartbeating every 5 s, for `NOVACRON_BENCH_HB_SECS` (default 20 s). A heartbeat
 //!   is in memory on the coordinator leader (no Raft write); the etcd reference writes each
@@ -634,7 +634,7 @@ async fn main() {
     // Failover: SIGKILL the leader under 16 writers that try each node in turn.
     let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.addr.clone()).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let last_ack = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let last_ack = Arc::new(Mutex::new(Vec::<(Instant, Instant)>::new()));
     let mut tasks = vec![];
     for w in 0..16usize {
         let (stop, acks, addrs) = (stop.clone(), last_ack.clone(), addrs.clone());
@@ -647,6 +647,7 @@ async fn main() {
             let mut k = w;
             while !stop.load(Ordering::Relaxed) {
                 let c = &mut clients[k % 3];
+                let sent = Instant::now();
                 let r = c
                     .create_vm(pb::CreateVmRequest {
                         name: format!("f-{w}-{i}"),
@@ -659,7 +660,9 @@ async fn main() {
                     })
                     .await;
                 match r {
-                    Ok(_) => acks.lock().expect("acks").push(Instant::now()),
+                    // Only writes sent after the kill count: one in flight before it may be
+                    // acknowledged just after it.
+                    Ok(_) => acks.lock().expect("acks").push((sent, Instant::now())),
                     Err(_) => {
                         k += 1;
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -679,9 +682,9 @@ async fn main() {
             .expect("acks")
             .iter()
             .rev()
-            .find(|t| **t > killed)
+            .find(|(sent, _)| *sent > killed)
         {
-            break Some(t.duration_since(killed));
+            break Some(t.1.duration_since(killed));
         }
         if Instant::now() > deadline {
             break None;
@@ -692,12 +695,13 @@ async fn main() {
     for t in tasks {
         let _ = t.await;
     }
-    // The first ack after the kill (not the latest one).
+    // The first ack of a write sent after the kill (not the latest one).
     let first_after = last_ack
         .lock()
         .expect("acks")
         .iter()
-        .filter(|t| **t > killed)
+        .filter(|(sent, _)| *sent > killed)
+        .map(|(_, acked)| *acked)
         .min()
         .map(|t| t.duration_since(killed));
     let fo = first_after

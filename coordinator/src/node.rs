@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use novacron_proto::coordinator::v1::raft_transport_client::RaftTransportClient;
 use novacron_proto::coordinator::v1::RaftPayload;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
@@ -24,7 +24,8 @@ use tonic::transport::Channel;
 use crate::rebalancer::Board;
 use crate::scheduler::{HostLoad, Loads, Policy, Thresholds};
 use crate::state::{Command, HostState, Reply, StateError};
-use crate::store::{Applying, NodeId, StateMachineStore, TypeConfig};
+use crate::store::{Applying, NodeId, Proposal, StateMachineStore, TypeConfig};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Errors of the coordinator core; mapped to gRPC status codes in `api::status`.
 #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
@@ -189,12 +190,88 @@ pub struct Node {
     peers: Mutex<HashMap<String, RaftTransportClient<Channel>>>,
     quorum_ok_at: Mutex<Option<Instant>>,
     board: Mutex<Board>,
+    quorum_check: tokio::sync::Mutex<()>,
+    batcher: mpsc::UnboundedSender<Pending>,
+}
+
+/// A client write waiting for the batcher.
+type Pending = (Command, oneshot::Sender<Result<(Reply, u64), CoreError>>);
+
+/// Most commands in one log entry.
+const MAX_BATCH: usize = 512;
+/// Entries proposed and not yet committed at a time. While they are in flight, new writes
+/// queue up and go out together in the next entry (group commit).
+const IN_FLIGHT: usize = 4;
+
+/// Packs queued client writes into one [`Proposal`] per log entry and hands each writer its
+/// own result. A lone write goes out at once, alone; under load the writes that arrive while
+/// [`IN_FLIGHT`] entries are being committed share the next one. Runs until the node is dropped.
+async fn batcher(
+    raft: Raft<TypeConfig>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    write_timeout: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (cmds, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+            let n = cmds.len();
+            let res = tokio::time::timeout(write_timeout, raft.client_write(Proposal(cmds))).await;
+            let fail = |e: CoreError, waiters: Vec<oneshot::Sender<_>>| {
+                for w in waiters {
+                    let _ = w.send(Err(e.clone()));
+                }
+            };
+            match res {
+                Err(_) => fail(CoreError::Uncertain(write_timeout), waiters),
+                Ok(Ok(resp)) => {
+                    let index = resp.log_id.index;
+                    if resp.data.0.len() != n {
+                        let e = CoreError::Raft(format!(
+                            "entry {index} carried {n} commands but applied {}",
+                            resp.data.0.len()
+                        ));
+                        return fail(e, waiters);
+                    }
+                    for (w, r) in waiters.into_iter().zip(resp.data.0) {
+                        let _ = w.send(r.map(|reply| (reply, index)).map_err(CoreError::from));
+                    }
+                }
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => fail(
+                    CoreError::NoQuorum(format!(
+                        "leadership moved to {:?} while writing; retry",
+                        f.leader_id
+                    )),
+                    waiters,
+                ),
+                Ok(Err(e)) => fail(CoreError::Raft(e.to_string()), waiters),
+            }
+        });
+    }
 }
 
 impl Node {
     /// Wraps a started Raft node.
     pub fn new(raft: Raft<TypeConfig>, sm: StateMachineStore, opts: Options) -> Arc<Node> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batcher(raft.clone(), rx, opts.write_timeout));
         Arc::new(Node {
+            batcher: tx,
             raft,
             sm,
             opts,
@@ -203,6 +280,7 @@ impl Node {
             peers: Mutex::new(HashMap::new()),
             quorum_ok_at: Mutex::new(None),
             board: Mutex::new(Board::default()),
+            quorum_check: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -241,25 +319,49 @@ impl Node {
             return Ok(());
         }
         let limit = Duration::from_millis(2 * self.opts.election_timeout_ms.max(1));
-        if let Some(t) = *self.quorum_ok_at.lock().expect("quorum lock") {
-            if t.elapsed() < limit {
-                return Ok(());
-            }
+        let fresh = || {
+            self.quorum_ok_at
+                .lock()
+                .expect("quorum lock")
+                .is_some_and(|t| t.elapsed() < limit)
+        };
+        if fresh() {
+            return Ok(());
         }
-        match tokio::time::timeout(limit, self.raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => {
-                self.confirm_quorum();
-                Ok(())
+        // One check at a time: a burst of writes after an idle spell waits for one heartbeat
+        // round instead of starting one each (hundreds of rounds at once overloaded the
+        // followers and failed some checks).
+        let _one = self.quorum_check.lock().await;
+        if fresh() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = match tokio::time::timeout(left, self.raft.ensure_linearizable()).await {
+                Ok(Ok(_)) => {
+                    self.confirm_quorum();
+                    return Ok(());
+                }
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                    return Err(CoreError::NoQuorum(format!(
+                        "node {} is no longer the leader (now {:?})",
+                        self.opts.id, f.leader_id
+                    )));
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer".to_string(),
+            };
+            // A round that missed a majority (followers slow under load, or gone): try again
+            // until the limit, then refuse.
+            if Instant::now() + Duration::from_millis(50) >= deadline {
+                return Err(CoreError::NoQuorum(format!(
+                    "leader {} could not confirm its leadership with a majority of the {voters} voters within {} ms: {e}",
+                    self.opts.id,
+                    limit.as_millis()
+                )));
             }
-            Ok(Err(e)) => Err(CoreError::NoQuorum(format!(
-                "node {} is not the leader of a majority of the {voters} voters: {e}",
-                self.opts.id
-            ))),
-            Err(_) => Err(CoreError::NoQuorum(format!(
-                "leader {} could not confirm its leadership with a majority of the {voters} voters within {} ms",
-                self.opts.id,
-                limit.as_millis()
-            ))),
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -369,24 +471,20 @@ impl Node {
             )));
         }
         self.check_quorum().await?;
-        let fut = self.raft.client_write(self.with_loads(cmd));
-        let res = tokio::time::timeout(self.opts.write_timeout, fut)
+        let (tx, rx) = oneshot::channel();
+        self.batcher
+            .send((self.with_loads(cmd), tx))
+            .map_err(|_| CoreError::Raft("the write batcher stopped".into()))?;
+        let res = tokio::time::timeout(self.opts.write_timeout, rx)
             .await
-            .map_err(|_| CoreError::Uncertain(self.opts.write_timeout))?;
+            .map_err(|_| CoreError::Uncertain(self.opts.write_timeout))?
+            .map_err(|_| CoreError::Raft("the write batcher dropped a write".into()))?;
         match res {
-            Ok(resp) => {
-                self.confirm_quorum();
-                let reply = resp.data.0?;
-                Ok((reply, resp.log_id.index))
-            }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(CoreError::NoQuorum(format!(
-                    "leadership moved to {:?} while writing; retry",
-                    f.leader_id
-                )))
-            }
-            Err(e) => Err(CoreError::Raft(e.to_string())),
+            // Committed (even if the state machine refused it): a majority follows us.
+            Ok(_) | Err(CoreError::State(_)) => self.confirm_quorum(),
+            Err(_) => {}
         }
+        res
     }
 
     /// Puts the load inputs this leader scores with (the hosts that are hot or anomalous) into a

@@ -480,10 +480,23 @@ impl ClusterState {
         index: u64,
         cmd: &Command,
     ) -> Result<(Reply, Vec<Key>, Vec<Event>), StateError> {
+        self.apply_at(index, 0, cmd)
+    }
+
+    /// Applies `cmd`, the `sub`-th command of the batch committed at `index` (one log entry
+    /// carries a batch of client writes). New records are named `vm-<index>` / `mig-<index>`
+    /// for the first command of an entry and `vm-<index>-<sub>` for later ones, so ids stay
+    /// unique and deterministic. On error nothing changed.
+    pub fn apply_at(
+        &mut self,
+        index: u64,
+        sub: usize,
+        cmd: &Command,
+    ) -> Result<(Reply, Vec<Key>, Vec<Event>), StateError> {
         validate(cmd)?;
         let mut keys = Vec::new();
         let mut events = Vec::new();
-        let reply = self.apply_inner(index, cmd, &mut keys, &mut events)?;
+        let reply = self.apply_inner(index, sub, cmd, &mut keys, &mut events)?;
         for e in &mut events {
             self.event_seq += 1;
             e.seq = self.event_seq;
@@ -516,6 +529,7 @@ impl ClusterState {
     fn apply_inner(
         &mut self,
         index: u64,
+        sub: usize,
         cmd: &Command,
         keys: &mut Vec<Key>,
         events: &mut Vec<Event>,
@@ -630,7 +644,7 @@ impl ClusterState {
                     .map_err(|r| {
                         StateError::NoCapacity(format!("{} hosts: {r}", self.hosts.len()))
                     })?;
-                let id = format!("vm-{index}");
+                let id = record_id("vm", index, sub);
                 let vm = Vm {
                     id: id.clone(),
                     name: name.clone(),
@@ -748,7 +762,7 @@ impl ClusterState {
                     }
                     target_host.clone()
                 };
-                let id = format!("mig-{index}");
+                let id = record_id("mig", index, sub);
                 let m = Migration {
                     id: id.clone(),
                     vm_id: vm_id.clone(),
@@ -963,6 +977,15 @@ impl ClusterState {
     }
 }
 
+/// `PREFIX-INDEX` for the first command of a log entry, `PREFIX-INDEX-SUB` for later ones.
+fn record_id(prefix: &str, index: u64, sub: usize) -> String {
+    if sub == 0 {
+        format!("{prefix}-{index}")
+    } else {
+        format!("{prefix}-{index}-{sub}")
+    }
+}
+
 fn insert_sorted(v: &mut Vec<String>, id: &str) {
     if let Err(pos) = v.binary_search_by(|x| x.as_str().cmp(id)) {
         v.insert(pos, id.to_string());
@@ -1140,6 +1163,28 @@ mod tests {
         assert_eq!(s.hosts["h1"].allocated.vcpus, 0);
         assert_eq!(s.migrations["mig-9"].phase, Phase::Cancelled);
         assert!(s.vms["vm-2"].migration_id.is_empty());
+    }
+
+    #[test]
+    fn batched_commands_get_distinct_ids() {
+        let mut s = ClusterState::default();
+        s.apply(1, &reg("h1", 8, 8192)).unwrap();
+        // Three writes in the entry at index 2.
+        let ids: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(
+                |(sub, n)| match s.apply_at(2, sub, &create(n, 1, 64)).unwrap() {
+                    (Reply::Vm(v), _, _) => v.id,
+                    other => panic!("{other:?}"),
+                },
+            )
+            .collect();
+        assert_eq!(ids, ["vm-2", "vm-2-1", "vm-2-2"]);
+        // A refused command inside a batch changes nothing.
+        let before = s.clone();
+        assert!(s.apply_at(2, 3, &create("a", 1, 64)).is_err());
+        assert_eq!(s, before);
     }
 
     #[test]

@@ -60,15 +60,23 @@ const EVENTS_KEPT: usize = 4096;
 openraft::declare_raft_types!(
     /// openraft's type configuration for the coordinator.
     pub TypeConfig:
-        D = Command,
+        D = Proposal,
         R = Applied,
         NodeId = u64,
         Node = BasicNode,
 );
 
-/// The result of applying one log entry.
+/// The payload of one normal log entry: a batch of client commands, applied in order, each on
+/// its own (a refused command changes nothing and does not affect the others). The leader packs
+/// the writes that queue up while its earlier entries are in flight into one entry, so that one
+/// entry, one replication message and one fsync per node carry them all (group commit).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Applied(pub Result<Reply, StateError>);
+pub struct Proposal(pub Vec<Command>);
+
+/// The result of applying one log entry: one result per command of its [`Proposal`] (none for
+/// blank and membership entries).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Applied(pub Vec<Result<Reply, StateError>>);
 
 /// Node id.
 pub type NodeId = u64;
@@ -373,6 +381,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             m.entries = m.entries.split_off(&(log_id.index + 1));
             m.purged = Some(log_id);
         }
+        // Purging past the last entry (after a snapshot install) makes the purge point the last.
+        self.last_index.fetch_max(log_id.index, Ordering::SeqCst);
         self.wal
             .write(
                 vec![Record::Purge {
@@ -599,19 +609,25 @@ impl StateMachineStore {
             for e in entries {
                 g.applied = Some(e.log_id);
                 match e.payload {
-                    EntryPayload::Blank => out.push(Applied(Ok(Reply::Empty))),
+                    EntryPayload::Blank => out.push(Applied(Vec::new())),
                     EntryPayload::Membership(m) => {
                         g.membership = StoredMembership::new(Some(e.log_id), m);
-                        out.push(Applied(Ok(Reply::Empty)));
+                        out.push(Applied(Vec::new()));
                     }
-                    EntryPayload::Normal(cmd) => match g.state.apply(e.log_id.index, &cmd) {
-                        Ok((reply, keys, evs)) => {
-                            touched.extend(keys);
-                            events.extend(evs);
-                            out.push(Applied(Ok(reply)));
+                    EntryPayload::Normal(Proposal(cmds)) => {
+                        let mut results = Vec::with_capacity(cmds.len());
+                        for (sub, cmd) in cmds.iter().enumerate() {
+                            match g.state.apply_at(e.log_id.index, sub, cmd) {
+                                Ok((reply, keys, evs)) => {
+                                    touched.extend(keys);
+                                    events.extend(evs);
+                                    results.push(Ok(reply));
+                                }
+                                Err(err) => results.push(Err(err)),
+                            }
                         }
-                        Err(err) => out.push(Applied(Err(err))),
-                    },
+                        out.push(Applied(results));
+                    }
                 }
             }
             touched.sort();
@@ -790,7 +806,7 @@ mod tests {
     fn normal(index: u64, cmd: Command) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(cmd),
+            payload: EntryPayload::Normal(Proposal(vec![cmd])),
         }
     }
 
@@ -851,7 +867,9 @@ mod tests {
         let before = {
             let (_log, sm) = open(d.path()).unwrap();
             for r in sm.apply_batch(entries).unwrap() {
-                r.0.unwrap();
+                for r in r.0 {
+                    r.unwrap();
+                }
             }
             let g = sm.shared.read().unwrap();
             assert_eq!(g.state.hosts["h2"].vm_ids, vec!["vm-3".to_string()]);
