@@ -237,8 +237,8 @@ impl Site {
                         .into_inner()
                         .vms;
                     match vms.iter().filter(|v| v.name == vm).collect::<Vec<_>>()[..] {
-                        [] if vm_dirs(agent).is_empty() => {}
-                        [v] if v.state == "running" && vm_dirs(agent) == vec![v.id.clone()] => {
+                        [] => {}
+                        [v] if v.state == "running" && vm_dirs(agent).contains(&v.id) => {
                             holders.push(*name)
                         }
                         _ => return None,
@@ -256,6 +256,10 @@ impl Site {
     }
 
     async fn create(&self, name: &str) -> cpb::Vm {
+        self.create_with(name, true).await
+    }
+
+    async fn create_with(&self, name: &str, start: bool) -> cpb::Vm {
         self.coord
             .clone()
             .create_vm(cpb::CreateVmRequest {
@@ -264,7 +268,7 @@ impl Site {
                     vcpus: 1,
                     memory_mib: MEMORY_MIB,
                 }),
-                start: true,
+                start,
                 boot: Some(cpb::BootSpec {
                     test_guest: true,
                     cmdline: GUEST.into(),
@@ -374,7 +378,13 @@ fn the_coordinator_places_migrates_and_drains() {
         assert_eq!(site.vm("web").await.host_id, to);
         progresses(&site, to, "web").await;
 
-        // Drain the host it is on: it moves back, and the drained host is left empty.
+        // A stopped VM, placed (bin-pack) on the same host: the agent holds it created.
+        let cold = site.create_with("cold", false).await;
+        assert_eq!(cold.host_id, to, "{cold:?}");
+        agent_state(&site, to, "cold", "created").await;
+
+        // Drain the host: the running VM migrates back, the stopped one moves (created on the
+        // other agent, deleted here), and the drained host is left empty.
         site.coord
             .clone()
             .drain_host(cpb::HostRef { id: to.into() })
@@ -397,7 +407,12 @@ fn the_coordinator_places_migrates_and_drains() {
         })
         .await;
         assert_eq!(site.settled("web").await, placed);
-        assert!(vm_dirs(site.agent(to)).is_empty());
+        agent_state(&site, placed, "cold", "created").await;
+        assert_eq!(site.vm("cold").await.host_id, placed);
+        site.wait("the drained agent empty", || async {
+            vm_dirs(site.agent(to)).is_empty().then_some(())
+        })
+        .await;
         let ops = site
             .coord
             .clone()
