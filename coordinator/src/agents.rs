@@ -10,7 +10,7 @@
 //!
 //! 1. The coordinator is the truth for what *should* run. A VM recorded on H, not migrating:
 //!    desired Running and absent on H → `Create` (start); held but not active → `Start`;
-//!    desired Stopped and active on H → `Stop`.
+//!    desired Stopped and absent → `Create` (not started); desired Stopped and active → `Stop`.
 //! 2. The agent is the truth for what *runs*. An active VM on H that no record names, or that
 //!    the record puts on a host whose agent does not report it active, is adopted
 //!    ([`Command::AdoptVm`], event `vm.adopted`). A VM that H holds inactive and that no
@@ -119,10 +119,14 @@ pub struct Inventory {
 /// Inventories by host id; a host missing here has not reported since this leader took over.
 pub type Inventories = BTreeMap<String, Inventory>;
 
-/// The log index of the last change of VM `id`'s placement (creation or a migration's last
-/// change).
+/// The log index of the last change of VM `id`'s placement (creation, adoption, move, or a
+/// migration's last change).
 fn last_change(state: &ClusterState, id: &str) -> u64 {
-    let created = state.vms.get(id).map(|v| v.created_index).unwrap_or(0);
+    let created = state
+        .vms
+        .get(id)
+        .map(|v| v.created_index.max(v.placed_index))
+        .unwrap_or(0);
     state
         .migrations
         .values()
@@ -176,6 +180,12 @@ pub fn plan(state: &ClusterState, host: &str, inv: &Inventories, sent: &BTreeSet
             (VmDesired::Running, Some(o)) if !o.active() => {
                 p.commands.push(AgentCommand::Start(vm.name.clone()))
             }
+            (VmDesired::Stopped, None) => p.commands.push(AgentCommand::Create {
+                name: vm.name.clone(),
+                resources: vm.resources,
+                boot: vm.boot.clone(),
+                start: false,
+            }),
             (VmDesired::Stopped, Some(o)) if o.runs() => {
                 p.commands.push(AgentCommand::Stop(vm.name.clone()))
             }
@@ -275,8 +285,9 @@ fn adopt(host: &str, o: &AgentVm) -> Command {
     }
 }
 
-/// Migrations a drain starts now: for every Draining host, its VMs desired running and not
-/// migrating, oldest first, while fewer than `parallel` of its migrations are under way.
+/// What a drain does now: for every Draining host, migrations of its VMs desired running and
+/// not migrating, oldest first, while fewer than `parallel` of its migrations are under way;
+/// and a move of each VM desired stopped (the agents create it on the target, delete it here).
 pub fn drain(state: &ClusterState, parallel: usize, policy: Policy) -> Vec<Command> {
     let mut out = Vec::new();
     for h in state
@@ -293,8 +304,15 @@ pub fn drain(state: &ClusterState, parallel: usize, policy: Policy) -> Vec<Comma
             .vms
             .values()
             .filter(|v| v.host_id == h.id && v.migration_id.is_empty())
-            .filter(|v| v.desired == VmDesired::Running)
             .collect();
+        for vm in vms.iter().filter(|v| v.desired == VmDesired::Stopped) {
+            out.push(Command::MoveVm {
+                vm_id: vm.id.clone(),
+                policy,
+                loads: Default::default(),
+            });
+        }
+        vms.retain(|v| v.desired == VmDesired::Running);
         vms.sort_by_key(|v| v.created_index);
         for vm in vms.into_iter().take(parallel.saturating_sub(busy)) {
             out.push(Command::StartMigration {
@@ -538,5 +556,36 @@ mod tests {
         assert_eq!(d.len(), 2);
         s.apply(21, &d[0]).unwrap();
         assert_eq!(drain(&s, 2, Policy::BinPack).len(), 1);
+        // A stopped VM moves without a migration; the agents follow the record.
+        s.apply(
+            22,
+            &Command::SetVmDesired {
+                id: "vm-11".into(),
+                desired: VmDesired::Stopped,
+            },
+        )
+        .unwrap();
+        let d = drain(&s, 2, Policy::BinPack);
+        assert!(d.contains(&Command::MoveVm {
+            vm_id: "vm-11".into(),
+            policy: Policy::BinPack,
+            loads: Default::default(),
+        }));
+        let mv = d
+            .iter()
+            .find(|c| matches!(c, Command::MoveVm { .. }))
+            .unwrap();
+        s.apply(23, mv).unwrap();
+        let to = s.vms["vm-11"].host_id.clone();
+        assert_ne!(to, host);
+        assert_eq!(s.vms["vm-11"].placed_index, 23);
+        let i = inv(&[(&host, vec![obs("c", "stopped")]), (&to, vec![])]);
+        assert!(plan(&s, &host, &i, &BTreeSet::new())
+            .commands
+            .contains(&AgentCommand::Delete("c".into())));
+        assert!(matches!(
+            &plan(&s, &to, &i, &BTreeSet::new()).commands[..],
+            [AgentCommand::Create { start: false, .. }]
+        ));
     }
 }

@@ -491,7 +491,9 @@ impl Node {
     /// command that places a VM, so that every replica computes the same placement.
     fn with_loads(&self, mut cmd: Command) -> Command {
         match &mut cmd {
-            Command::CreateVm { loads, .. } => *loads = self.placement_loads(),
+            Command::CreateVm { loads, .. } | Command::MoveVm { loads, .. } => {
+                *loads = self.placement_loads()
+            }
             Command::StartMigration {
                 loads, target_host, ..
             } if target_host.is_empty() => *loads = self.placement_loads(),

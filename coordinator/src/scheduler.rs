@@ -469,6 +469,7 @@ mod tests {
                 created_index: 1,
                 migration_id: String::new(),
                 boot: Default::default(),
+                placed_index: 1,
             },
         );
         let mut r = req(1, 512, &none);

@@ -128,6 +128,9 @@ pub struct Vm {
     /// What the agent boots.
     #[serde(default)]
     pub boot: BootSpec,
+    /// Log index of its last placement (creation, adoption, move or migration).
+    #[serde(default)]
+    pub placed_index: u64,
 }
 
 /// Phase of a migration operation.
@@ -281,6 +284,17 @@ pub enum Command {
         object_id: String,
         /// Human text.
         message: String,
+    },
+    /// Move a stopped VM's record to another host (placed by the scheduler); the agents then
+    /// create it there and delete it here.
+    MoveVm {
+        /// VM id.
+        vm_id: String,
+        /// Placement policy.
+        policy: Policy,
+        /// The load inputs the leader scored with (filled in by the leader when it proposes).
+        #[serde(default)]
+        loads: Loads,
     },
     /// An agent runs a VM the record puts elsewhere or nowhere: the agent is the truth for what
     /// runs, so the record follows it (created when unknown, moved when placed elsewhere).
@@ -660,6 +674,7 @@ impl ClusterState {
                     created_index: index,
                     migration_id: String::new(),
                     boot: boot.clone(),
+                    placed_index: index,
                 };
                 let h = self
                     .hosts
@@ -863,6 +878,50 @@ impl ClusterState {
                 events.push(ev(kind, object_id, message.clone()));
                 Ok(Reply::Empty)
             }
+            Command::MoveVm {
+                vm_id,
+                policy,
+                loads,
+            } => {
+                let vm = self.vm(vm_id)?.clone();
+                if vm.desired != VmDesired::Stopped || !vm.migration_id.is_empty() {
+                    return Err(StateError::FailedPrecondition(format!(
+                        "vm {vm_id} is desired {:?}{}: only a stopped VM moves without a migration",
+                        vm.desired,
+                        if vm.migration_id.is_empty() {
+                            ""
+                        } else {
+                            " and migrating"
+                        }
+                    )));
+                }
+                let req = scheduler::Request {
+                    resources: vm.resources,
+                    selector: &BTreeMap::new(),
+                    anti_affinity_group: &vm.anti_affinity_group,
+                    exclude: Some(&vm.host_id),
+                };
+                let target = scheduler::place(&self.hosts, &self.vms, &req, *policy, loads)
+                    .map_err(|r| StateError::NoCapacity(format!("move target: {r}")))?;
+                if let Some(h) = self.hosts.get_mut(&vm.host_id) {
+                    h.allocated.sub(vm.resources);
+                    h.vm_ids.retain(|v| v != vm_id);
+                    keys.push(Key::Host(vm.host_id.clone()));
+                }
+                let h = self.hosts.get_mut(&target).expect("placed on a known host");
+                h.allocated.add(vm.resources);
+                insert_sorted(&mut h.vm_ids, vm_id);
+                let v = self.vms.get_mut(vm_id).expect("checked");
+                v.host_id = target.clone();
+                v.placed_index = index;
+                keys.extend([Key::Vm(vm_id.clone()), Key::Host(target.clone())]);
+                events.push(ev(
+                    "vm.moved",
+                    vm_id,
+                    format!("{} (stopped): {} -> {target}", vm.name, vm.host_id),
+                ));
+                Ok(Reply::Vm(v.clone()))
+            }
             Command::AdoptVm {
                 host_id,
                 name,
@@ -883,6 +942,7 @@ impl ClusterState {
                         created_index: index,
                         migration_id: String::new(),
                         boot: boot.clone(),
+                        placed_index: index,
                     };
                     let h = self.hosts.get_mut(host_id).expect("checked");
                     h.allocated.add(*resources);
@@ -917,6 +977,7 @@ impl ClusterState {
                 insert_sorted(&mut h.vm_ids, &id);
                 let v = self.vms.get_mut(&id).expect("present");
                 v.host_id = host_id.clone();
+                v.placed_index = index;
                 keys.extend([Key::Vm(id.clone()), Key::Host(host_id.clone())]);
                 events.push(ev(
                     "vm.adopted",
@@ -959,6 +1020,7 @@ impl ClusterState {
                 }
                 let vm = self.vms.get_mut(&m.vm_id).expect("present");
                 vm.host_id = keep.clone();
+                vm.placed_index = index;
                 vm.migration_id.clear();
                 keys.extend([
                     Key::Host(m.source_host.clone()),

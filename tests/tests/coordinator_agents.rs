@@ -27,6 +27,10 @@ use common::{check_fresh, guest, run, vm_dirs, wait_pages_above, Client};
 
 /// Generous bound for anything the tests wait for.
 const WAIT: Duration = Duration::from_secs(60);
+/// Bound for a VM to settle: a source agent SIGKILLed between preparing the target and starting
+/// the copy leaves a prepared (incoming, never running) VM on the target until the target agent
+/// discards it after its 60 s prepare timeout.
+const SETTLE: Duration = Duration::from_secs(130);
 /// Guest memory, MiB.
 const MEMORY_MIB: u64 = 64;
 /// A 24 MiB working set written at 20,000 pages/s: enough that a migration takes a while.
@@ -77,6 +81,12 @@ struct Site {
 
 impl Site {
     async fn start() -> Site {
+        Site::start_with(1).await
+    }
+
+    /// `coordinators` coordinators; the agents know only one that is not the leader (when
+    /// there are several), so they must follow the leader.
+    async fn start_with(coordinators: usize) -> Site {
         let (_, coord_bin) = binaries();
         let dir = tempfile::tempdir().expect("temporary directory");
         let opts = ClusterOptions {
@@ -84,9 +94,16 @@ impl Site {
             down_after_secs: 5,
             ..Default::default()
         };
-        let coordinator = TestCluster::start(&coord_bin, &dir.path().join("coord"), 1, opts);
-        coordinator.wait_leader(WAIT).await;
-        let endpoint = coordinator.nodes[0].addr.clone();
+        let coordinator =
+            TestCluster::start(&coord_bin, &dir.path().join("coord"), coordinators, opts);
+        let leader = coordinator.wait_leader(WAIT).await;
+        let endpoint = coordinator
+            .nodes
+            .iter()
+            .find(|n| n.id != leader || coordinators == 1)
+            .unwrap()
+            .addr
+            .clone();
         // One cluster CA for both: the coordinator's, which also issues the agents' certificates
         // (mTLS to the coordinator, and between agents for migrations).
         let certs = ClusterDir::new(coordinator.pki.dir.path());
@@ -114,7 +131,7 @@ impl Site {
             .unwrap_or_else(|e| panic!("starting agent {name}: {e}"));
             agents.push((name, agent));
         }
-        let coord = coordinator.nodes[0].client();
+        let coord = coordinator.nodes[leader as usize - 1].client();
         let site = Site {
             _dir: dir,
             coord,
@@ -163,7 +180,16 @@ impl Site {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + WAIT;
+        self.wait_at_most(WAIT, what, f).await
+    }
+
+    /// [`Site::wait`] with another bound.
+    async fn wait_at_most<T, F, Fut>(&self, bound: Duration, what: &str, f: F) -> T
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + bound;
         loop {
             if let Some(v) = f().await {
                 return v;
@@ -175,8 +201,13 @@ impl Site {
                     .map(|(n, a)| format!("--- agent {n} ---\n{}", tail(&a.log(), 40)))
                     .collect();
                 panic!(
-                    "not within {WAIT:?}: {what}\n--- coordinator ---\n{}\n{}",
-                    self._coordinator.nodes[0].log_tail(),
+                    "not within {bound:?}: {what}\n--- coordinator ---\n{}\n{}",
+                    self._coordinator
+                        .nodes
+                        .iter()
+                        .map(|n| format!("node {}: {}", n.id, n.log_tail()))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
                     logs.join("\n")
                 );
             }
@@ -217,39 +248,55 @@ impl Site {
         .await
     }
 
-    /// Waits until `vm` runs on exactly one agent, with one VMM, and the record names it;
+    /// Waits until `vm` runs on exactly one agent, with its VMM (and no agent has a VMM more than
+    /// its active VMs), and the record names it;
     /// returns that agent.
     async fn settled(&self, vm: &str) -> &'static str {
-        self.wait(&format!("{vm} running once, where its record says"), || {
-            let vm = vm.to_string();
-            let s = self;
-            async move {
-                let rec = s.vm(&vm).await;
-                if !rec.migration_id.is_empty() {
-                    return None;
-                }
-                let mut holders = Vec::new();
-                let mut vmms = 0;
-                for (name, agent) in &s.agents {
-                    let mut c = agent.client().await.ok()?;
-                    let vms = c
-                        .list_vms(apb::ListVmsRequest {})
-                        .await
-                        .ok()?
-                        .into_inner()
-                        .vms;
-                    match vms.iter().filter(|v| v.name == vm).collect::<Vec<_>>()[..] {
-                        [] if vm_dirs(agent).is_empty() => {}
-                        [v] if v.state == "running" && vm_dirs(agent) == vec![v.id.clone()] => {
-                            holders.push(*name)
-                        }
-                        _ => return None,
+        self.wait_at_most(
+            SETTLE,
+            &format!("{vm} running once, where its record says"),
+            || {
+                let vm = vm.to_string();
+                let s = self;
+                async move {
+                    let rec = s.vm(&vm).await;
+                    if !rec.migration_id.is_empty() {
+                        return None;
                     }
-                    vmms += agent.vmm_pids().len();
+                    let mut holders = Vec::new();
+                    for (name, agent) in &s.agents {
+                        let mut c = agent.client().await.ok()?;
+                        let vms = c
+                            .list_vms(apb::ListVmsRequest {})
+                            .await
+                            .ok()?
+                            .into_inner()
+                            .vms;
+                        match vms.iter().filter(|v| v.name == vm).collect::<Vec<_>>()[..] {
+                            [] => {}
+                            [v] if v.state == "running"
+                                && vm_dirs(agent).contains(&v.id)
+                                && agent.vmm_pids().contains(&v.pid) =>
+                            {
+                                holders.push(*name)
+                            }
+                            _ => return None,
+                        }
+                        // One VMM per active VM, none left over.
+                        let active = vms
+                            .iter()
+                            .filter(|v| {
+                                matches!(v.state.as_str(), "running" | "paused" | "starting")
+                            })
+                            .count();
+                        if agent.vmm_pids().len() != active {
+                            return None;
+                        }
+                    }
+                    (holders.len() == 1 && rec.host_id == holders[0]).then(|| holders[0])
                 }
-                (holders.len() == 1 && vmms == 1 && rec.host_id == holders[0]).then(|| holders[0])
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -258,6 +305,10 @@ impl Site {
     }
 
     async fn create(&self, name: &str) -> cpb::Vm {
+        self.create_with(name, true).await
+    }
+
+    async fn create_with(&self, name: &str, start: bool) -> cpb::Vm {
         self.coord
             .clone()
             .create_vm(cpb::CreateVmRequest {
@@ -266,7 +317,7 @@ impl Site {
                     vcpus: 1,
                     memory_mib: MEMORY_MIB,
                 }),
-                start: true,
+                start,
                 boot: Some(cpb::BootSpec {
                     test_guest: true,
                     cmdline: GUEST.into(),
@@ -376,7 +427,13 @@ fn the_coordinator_places_migrates_and_drains() {
         assert_eq!(site.vm("web").await.host_id, to);
         progresses(&site, to, "web").await;
 
-        // Drain the host it is on: it moves back, and the drained host is left empty.
+        // A stopped VM, placed (bin-pack) on the same host: the agent holds it created.
+        let cold = site.create_with("cold", false).await;
+        assert_eq!(cold.host_id, to, "{cold:?}");
+        agent_state(&site, to, "cold", "created").await;
+
+        // Drain the host: the running VM migrates back, the stopped one moves (created on the
+        // other agent, deleted here), and the drained host is left empty.
         site.coord
             .clone()
             .drain_host(cpb::HostRef { id: to.into() })
@@ -399,7 +456,12 @@ fn the_coordinator_places_migrates_and_drains() {
         })
         .await;
         assert_eq!(site.settled("web").await, placed);
-        assert!(vm_dirs(site.agent(to)).is_empty());
+        agent_state(&site, placed, "cold", "created").await;
+        assert_eq!(site.vm("cold").await.host_id, placed);
+        site.wait("the drained agent empty", || async {
+            vm_dirs(site.agent(to)).is_empty().then_some(())
+        })
+        .await;
         let ops = site
             .coord
             .clone()
@@ -585,5 +647,45 @@ fn reconcile_adopts_what_runs_and_applies_what_should() {
         })
         .await;
         assert!(site.agent("a").vmm_pids().is_empty());
+    });
+}
+
+#[test]
+fn agents_follow_the_leader_across_a_failover() {
+    run(async {
+        let mut site = Site::start_with(3).await;
+        site.create("first").await;
+        let on = site.settled("first").await;
+        progresses(&site, on, "first").await;
+        // SIGKILL the leader: the agents find the new one and it drives them.
+        let old = site._coordinator.wait_leader(WAIT).await;
+        site._coordinator.node(old).kill();
+        let new = site._coordinator.wait_leader(WAIT).await;
+        assert_ne!(new, old);
+        site.coord = site._coordinator.node(new).client();
+        site.wait("both agents heartbeating to the new leader", || {
+            let mut c = site.coord.clone();
+            async move {
+                let hosts = c
+                    .list_hosts(cpb::ListRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .hosts;
+                hosts
+                    .iter()
+                    .all(|h| {
+                        h.state == cpb::HostState::Up as i32
+                            && h.last_heartbeat_age_ms > 0
+                            && h.last_heartbeat_age_ms < 2000
+                    })
+                    .then_some(())
+            }
+        })
+        .await;
+        site.create("second").await;
+        let at = site.settled("second").await;
+        progresses(&site, at, "second").await;
+        assert_eq!(site.settled("first").await, on);
     });
 }
