@@ -192,6 +192,8 @@ pub struct Node {
     board: Mutex<Board>,
     quorum_check: tokio::sync::Mutex<()>,
     batcher: mpsc::UnboundedSender<Pending>,
+    /// Entries in flight (shared with the batcher, which holds one while it waits).
+    slots: Arc<Semaphore>,
 }
 
 /// A client write waiting for the batcher.
@@ -210,8 +212,8 @@ async fn batcher(
     raft: Raft<TypeConfig>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
     write_timeout: Duration,
+    slots: Arc<Semaphore>,
 ) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -229,39 +231,44 @@ async fn batcher(
         let raft = raft.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let (cmds, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
-            let n = cmds.len();
-            let res = tokio::time::timeout(write_timeout, raft.client_write(Proposal(cmds))).await;
-            let fail = |e: CoreError, waiters: Vec<oneshot::Sender<_>>| {
-                for w in waiters {
-                    let _ = w.send(Err(e.clone()));
-                }
-            };
-            match res {
-                Err(_) => fail(CoreError::Uncertain(write_timeout), waiters),
-                Ok(Ok(resp)) => {
-                    let index = resp.log_id.index;
-                    if resp.data.0.len() != n {
-                        let e = CoreError::Raft(format!(
-                            "entry {index} carried {n} commands but applied {}",
-                            resp.data.0.len()
-                        ));
-                        return fail(e, waiters);
-                    }
-                    for (w, r) in waiters.into_iter().zip(resp.data.0) {
-                        let _ = w.send(r.map(|reply| (reply, index)).map_err(CoreError::from));
-                    }
-                }
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => fail(
-                    CoreError::NoQuorum(format!(
-                        "leadership moved to {:?} while writing; retry",
-                        f.leader_id
-                    )),
-                    waiters,
-                ),
-                Ok(Err(e)) => fail(CoreError::Raft(e.to_string()), waiters),
-            }
+            propose(&raft, batch, write_timeout).await;
         });
+    }
+}
+
+/// Proposes `batch` as one entry and answers each writer.
+async fn propose(raft: &Raft<TypeConfig>, batch: Vec<Pending>, write_timeout: Duration) {
+    let (cmds, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+    let n = cmds.len();
+    let res = tokio::time::timeout(write_timeout, raft.client_write(Proposal(cmds))).await;
+    let fail = |e: CoreError, waiters: Vec<oneshot::Sender<_>>| {
+        for w in waiters {
+            let _ = w.send(Err(e.clone()));
+        }
+    };
+    match res {
+        Err(_) => fail(CoreError::Uncertain(write_timeout), waiters),
+        Ok(Ok(resp)) => {
+            let index = resp.log_id.index;
+            if resp.data.0.len() != n {
+                let e = CoreError::Raft(format!(
+                    "entry {index} carried {n} commands but applied {}",
+                    resp.data.0.len()
+                ));
+                return fail(e, waiters);
+            }
+            for (w, r) in waiters.into_iter().zip(resp.data.0) {
+                let _ = w.send(r.map(|reply| (reply, index)).map_err(CoreError::from));
+            }
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => fail(
+            CoreError::NoQuorum(format!(
+                "leadership moved to {:?} while writing; retry",
+                f.leader_id
+            )),
+            waiters,
+        ),
+        Ok(Err(e)) => fail(CoreError::Raft(e.to_string()), waiters),
     }
 }
 
@@ -269,9 +276,11 @@ impl Node {
     /// Wraps a started Raft node.
     pub fn new(raft: Raft<TypeConfig>, sm: StateMachineStore, opts: Options) -> Arc<Node> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batcher(raft.clone(), rx, opts.write_timeout));
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        tokio::spawn(batcher(raft.clone(), rx, opts.write_timeout, slots.clone()));
         Arc::new(Node {
             batcher: tx,
+            slots,
             raft,
             sm,
             opts,
@@ -472,9 +481,28 @@ impl Node {
         }
         self.check_quorum().await?;
         let (tx, rx) = oneshot::channel();
-        self.batcher
-            .send((self.with_loads(cmd), tx))
-            .map_err(|_| CoreError::Raft("the write batcher stopped".into()))?;
+        // Nothing in flight (the idle batcher holds one slot): a lone write is proposed right
+        // here, sparing it the hand-offs to the batcher and its task. Otherwise it queues and
+        // shares the next entry.
+        let inline = if self.slots.available_permits() == IN_FLIGHT - 1 {
+            self.slots.clone().try_acquire_owned().ok()
+        } else {
+            None
+        };
+        match inline {
+            Some(_permit) => {
+                propose(
+                    &self.raft,
+                    vec![(self.with_loads(cmd), tx)],
+                    self.opts.write_timeout,
+                )
+                .await
+            }
+            None => self
+                .batcher
+                .send((self.with_loads(cmd), tx))
+                .map_err(|_| CoreError::Raft("the write batcher stopped".into()))?,
+        }
         let res = tokio::time::timeout(self.opts.write_timeout, rx)
             .await
             .map_err(|_| CoreError::Uncertain(self.opts.write_timeout))?
