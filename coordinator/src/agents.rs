@@ -11,6 +11,7 @@
 //! 1. The coordinator is the truth for what *should* run. A VM recorded on H, not migrating:
 //!    desired Running and absent on H → `Create` (start); held but not active → `Start`;
 //!    desired Stopped and absent → `Create` (not started); desired Stopped and active → `Stop`.
+//!    Nothing is created while another host's inventory shows the VM active (rule 2 adopts it).
 //! 2. The agent is the truth for what *runs*. An active VM on H that no record names, or that
 //!    the record puts on a host whose agent does not report it active, is adopted
 //!    ([`Command::AdoptVm`], event `vm.adopted`). A VM that H holds inactive and that no
@@ -170,7 +171,12 @@ pub fn plan(state: &ClusterState, host: &str, inv: &Inventories, sent: &BTreeSet
             continue;
         }
         let held = mine.iter().find(|o| o.name == vm.name);
+        // Never start a second copy: a VM active on another host is that host's to adopt.
+        let elsewhere = inv
+            .iter()
+            .any(|(h, i)| h != host && i.vms.iter().any(|o| o.name == vm.name && o.active()));
         match (vm.desired, held) {
+            (_, None) if elsewhere => {}
             (VmDesired::Running, None) => p.commands.push(AgentCommand::Create {
                 name: vm.name.clone(),
                 resources: vm.resources,
@@ -448,6 +454,9 @@ mod tests {
             .writes
             .iter()
             .all(|w| matches!(w, Command::AdoptVm { host_id, .. } if host_id == other)));
+        // Recorded here, running there: no second copy here (the other host adopts it).
+        let i = inv(&[(h, vec![]), (other, vec![obs("a", "running")])]);
+        assert!(plan(&s, h, &i, &BTreeSet::new()).commands.is_empty());
         // Running in both places: the record stays.
         let i = inv(&[
             (h, vec![obs("a", "running")]),
