@@ -661,12 +661,13 @@ mod tests {
         let certs = novacron_migration::certs::ClusterDir::new(dir.path());
         certs.init("t").unwrap();
         certs.issue("a").unwrap();
-        certs.issue("coordinator").unwrap();
-        let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
-        let (cert, key) = certs.agent_paths("coordinator").unwrap();
+        // Coordinator 1's certificate, which also names "coordinator".
+        let files = certs.issue_coordinator(1).unwrap();
+        let read = |p: &std::path::PathBuf| std::fs::read(p).unwrap();
+        let (cert, key) = (&files[0], &files[1]);
         let server_tls = ServerTlsConfig::new()
             .identity(Identity::from_pem(read(cert), read(key)))
-            .client_ca_root(Certificate::from_pem(read(certs.ca_cert_path())));
+            .client_ca_root(Certificate::from_pem(read(&certs.ca_cert_path())));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (_reporter, health) = tonic_health::server::health_reporter();
@@ -692,7 +693,7 @@ mod tests {
         assert!(ok.is_ok(), "{ok:?}");
         // Without a client certificate the server refuses the connection.
         let anonymous = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(certs.ca_cert_path())))
+            .ca_certificate(Certificate::from_pem(read(&certs.ca_cert_path())))
             .domain_name("coordinator");
         assert!(check(anonymous).await.is_err());
         // A server under another name is refused by the agent.
